@@ -1,0 +1,184 @@
+"""The ``hemofm`` command line: the headless core's work without a screen.
+
+Exit codes (DESIGN.md): 0 when the work was done, also when some input files were
+skipped (one warning names every skipped file); 1 when nothing could be done (one
+clear line says why, no traceback); 2 for usage errors (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from napari_hemofm import __version__
+
+DETECT_CSV_COLUMNS = ["image", "cell_id", "x", "y", "x0", "y0", "x1", "y1", "score"]
+"""Columns of ``hemofm detect --out`` (contract)."""
+
+
+class CommandError(Exception):
+    """Nothing could be done: printed as one line, exit code 1."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _progress_bar(desc: str, unit: str):
+    """A tqdm-backed ``progress(done, total)`` callback and a closer."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def progress(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.update(done - bar.n)
+
+    return progress, bar.close
+
+
+def _write_csv(frame, out: Path) -> None:
+    """Write a CSV atomically (a crash never leaves half a file under ``out``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _warn(text: str) -> None:
+    print(f"hemofm: warning: {text}", file=sys.stderr)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    """Detect WBCs in smears (and list crops) and write one CSV row per cell."""
+    from napari_hemofm.core.inputs import collect_cells, scan_inputs
+    from napari_hemofm.core.io import format_skipped
+
+    scan = scan_inputs(args.inputs, batch=args.batch)
+    for path, why in scan.empty_inputs:
+        _warn(f"{path}: {why}")
+    if not scan.sources:
+        reasons = [*scan.empty_inputs, *scan.skipped]
+        why = "; ".join(f"{p}: {w}" for p, w in reasons[:3]) or "no inputs"
+        raise CommandError(f"no readable image in the inputs ({why})")
+    progress, close = _progress_bar("detect", "image")
+    try:
+        result = collect_cells(scan, pixel_size_um=args.pixel_size, progress=progress)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        close()
+    if result.skipped:
+        _warn(format_skipped(result.skipped))
+    if result.n_sources == 0:
+        raise CommandError("none of the input images could be read (see the warning above)")
+    table = result.cells.reset_index().rename(columns={"source": "image"})
+    _write_csv(table[DETECT_CSV_COLUMNS], args.out)
+    n_images = table["image"].nunique()
+    print(
+        f"{len(table)} cell(s) from {result.n_sources} image(s) "
+        f"({n_images} with cells) -> {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Write the synthetic sample (three batches of smears) with its ground truth."""
+    from napari_hemofm.core.synthetic import make_sample, write_smears
+
+    smears = make_sample(seed=args.seed, n_per_batch=args.per_batch)
+    paths = write_smears(smears, args.out_dir)
+    batches = sorted({s.batch for s in smears})
+    n_cells = sum(len(s.cells) for s in smears)
+    print(
+        f"{len(paths)} synthetic smear(s), {n_cells} WBCs, batches {', '.join(batches)} "
+        f"-> {args.out_dir} (ground truth: {Path(args.out_dir) / 'ground_truth.csv'})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hemofm`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="hemofm",
+        description="Find, embed and review white blood cells (napari-hemofm, headless).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    detect = sub.add_parser(
+        "detect",
+        help="detect WBCs in smear images and write their boxes to a CSV",
+        description=(
+            "Detect white blood cells in smear images. INPUT is a smear image (JPEG, PNG, "
+            "BMP, TIFF), a folder of smears, or a crop folder <root>/<class>/<file> (each "
+            "crop is one cell). Writes one CSV row per cell with the columns "
+            + ", ".join(DETECT_CSV_COLUMNS)
+            + ". Unreadable files are skipped with one warning."
+        ),
+    )
+    detect.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", type=Path)
+    detect.add_argument("--out", required=True, type=Path, help="CSV file to write")
+    detect.add_argument("--batch", help="batch name for all inputs (default: folder name)")
+    detect.add_argument(
+        "--pixel-size",
+        type=_positive_float,
+        metavar="UM",
+        help="pixel size in micrometres per pixel (default: estimated from the RBCs)",
+    )
+    detect.set_defaults(func=cmd_detect)
+
+    sample = sub.add_parser(
+        "sample",
+        help="write the synthetic sample smears (three batches) to a folder",
+        description=(
+            "Write seeded synthetic Wright-Giemsa smears in three batches to "
+            "OUT_DIR/<batch>/, with their WBC boxes and classes in OUT_DIR/ground_truth.csv."
+        ),
+    )
+    sample.add_argument("out_dir", metavar="OUT_DIR", type=Path)
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sample.add_argument(
+        "--per-batch", type=int, default=2, help="smears per batch (default 2)"
+    )
+    sample.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``hemofm`` command; return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CommandError as exc:
+        print(f"hemofm: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # e.g. the output folder is read-only or the disk is full
+        print(f"hemofm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hemofm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

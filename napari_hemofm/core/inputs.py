@@ -1,0 +1,377 @@
+"""What the user points at: smear files, folders of smears, crop folders, arrays.
+
+Turns command-line inputs (or napari layers) into cell rows for the cell table,
+following DESIGN.md ("Command line", "The cell table"):
+
+- a file is a smear (its WBCs are detected);
+- a folder whose subfolders hold images is a crop folder: each image in
+  ``<root>/<class>/`` is one cell labelled ``<class>`` verbatim; other files at its
+  root (README, LICENSE) are ignored;
+- a folder with images directly inside is a folder of smears.
+
+Default batch: the base name of the input for a folder, of the file's folder for a
+file; two different folders with the same base name get a numeric suffix
+(``lab``, ``lab_2``). Cell ids are ``"<batch>/<path relative to its input>#<n>"``.
+Unreadable files are collected in ``skipped`` (path, reason) so that the caller
+issues one warning naming all of them (:func:`~.io.warn_skipped`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from napari_hemofm.core.io import ImageReadError, image_size, is_image_file, read_image
+
+SourceKind = Literal["smear", "crop"]
+
+#: Columns of the frame returned by :func:`collect_cells`, beyond the cell id index.
+CELL_COLUMNS = ["source", "batch", "x", "y", "x0", "y0", "x1", "y1", "score", "label"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One image file to take cells from.
+
+    Attributes
+    ----------
+    kind : {"smear", "crop"}
+        A smear has its WBCs detected; a crop is one cell.
+    path : Path
+        The image file.
+    batch : str
+        Batch (lab / scanner / slide group) of its cells.
+    rel : str
+        Path relative to its input, POSIX style (the middle part of the cell id).
+    label : str or None
+        Class of a crop (its folder name); ``None`` for smears.
+    """
+
+    kind: SourceKind
+    path: Path
+    batch: str
+    rel: str
+    label: str | None = None
+
+
+@dataclass
+class Scan:
+    """Result of :func:`scan_inputs`.
+
+    Attributes
+    ----------
+    sources : list of Source
+        Image files to read, in a deterministic order.
+    skipped : list of (str, str)
+        Files passed over, with the reason (named in one warning).
+    empty_inputs : list of (str, str)
+        Inputs that gave no image at all, with the reason.
+    """
+
+    sources: list[Source] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    empty_inputs: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and _visible(p) and is_image_file(p))
+
+
+def classify_folder(folder: Path) -> Literal["crops", "smears", "empty"]:
+    """Say what a folder is: a crop folder, a folder of smears, or neither.
+
+    A folder whose subfolders hold images is a crop folder (even if images lie at
+    its root too); otherwise a folder with images directly inside is a folder of
+    smears; otherwise it is ``"empty"``.
+    """
+    for sub in sorted(folder.iterdir()):
+        if sub.is_dir() and _visible(sub) and _images_in(sub):
+            return "crops"
+    return "smears" if _images_in(folder) else "empty"
+
+
+def default_batch_names(inputs: Sequence[str | Path]) -> list[str]:
+    """Default batch name of each input (DESIGN.md).
+
+    The base name of the input for a folder, of the file's folder for a file. Inputs
+    in the same folder share a batch; two different folders with the same base name
+    get ``_2``, ``_3``... in order of appearance.
+    """
+    names: list[str] = []
+    by_folder: dict[Path, str] = {}
+    used: set[str] = set()
+    for item in inputs:
+        path = Path(item)
+        folder = path if path.is_dir() else path.parent
+        key = folder.resolve()
+        if key not in by_folder:
+            base = key.name or "root"
+            name, k = base, 1
+            while name in used:
+                k += 1
+                name = f"{base}_{k}"
+            used.add(name)
+            by_folder[key] = name
+        names.append(by_folder[key])
+    return names
+
+
+def scan_inputs(inputs: Sequence[str | Path], *, batch: str | None = None) -> Scan:
+    """List the image files behind command-line inputs.
+
+    Parameters
+    ----------
+    inputs : sequence of str or Path
+        Smear files, folders of smears and crop folders.
+    batch : str, optional
+        One batch name for all inputs (``--batch``); defaults per input (see
+        :func:`default_batch_names`).
+
+    Returns
+    -------
+    Scan
+    """
+    scan = Scan()
+    batches = [batch] * len(inputs) if batch else default_batch_names(inputs)
+    for item, name in zip(inputs, batches, strict=True):
+        path = Path(item)
+        if not path.exists():
+            scan.skipped.append((str(path), "no such file or folder"))
+            continue
+        if path.is_file():
+            if not is_image_file(path):
+                scan.skipped.append((str(path), "not an image file (by its extension)"))
+                continue
+            scan.sources.append(Source("smear", path, name, path.name))
+            continue
+        kind = classify_folder(path)
+        if kind == "empty":
+            scan.empty_inputs.append((str(path), "folder holds no images"))
+        elif kind == "smears":
+            for img in _images_in(path):
+                scan.sources.append(Source("smear", img, name, img.name))
+        else:
+            for img in _images_in(path):
+                scan.skipped.append(
+                    (str(img), "image at the root of a crop folder, not in a class folder")
+                )
+            for sub in sorted(p for p in path.iterdir() if p.is_dir() and _visible(p)):
+                for img in sorted(p for p in sub.iterdir() if p.is_file() and _visible(p)):
+                    if is_image_file(img):
+                        rel = f"{sub.name}/{img.name}"
+                        scan.sources.append(Source("crop", img, name, rel, label=sub.name))
+                    else:
+                        scan.skipped.append((str(img), "not an image file (by its extension)"))
+    return scan
+
+
+def make_cell_id(batch: str, rel: str, n: int) -> str:
+    """Cell id ``"<batch>/<rel>#<n>"`` (DESIGN.md)."""
+    return f"{batch}/{rel}#{n}"
+
+
+def _crop_row(source: Source) -> dict:
+    height, width = image_size(source.path)
+    return {
+        "cell_id": make_cell_id(source.batch, source.rel, 0),
+        "source": str(source.path),
+        "batch": source.batch,
+        "x": width / 2.0,
+        "y": height / 2.0,
+        "x0": 0,
+        "y0": 0,
+        "x1": width,
+        "y1": height,
+        "score": 1.0,
+        "label": source.label,
+    }
+
+
+def detections_to_cells(
+    detections: pd.DataFrame, *, source: str, batch: str, rel: str
+) -> pd.DataFrame:
+    """Turn a frame of detections into cell rows (index = cell id).
+
+    Parameters
+    ----------
+    detections : pandas.DataFrame
+        Columns ``x, y, x0, y0, x1, y1`` and optionally ``score``
+        (see :func:`~.detect.detect_wbcs`), in cell order.
+    source : str
+        Image path or napari layer name.
+    batch, rel : str
+        Batch name and relative path for the cell ids.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`CELL_COLUMNS`, indexed by ``cell_id``.
+    """
+    n = len(detections)
+    frame = pd.DataFrame(
+        {
+            "source": [source] * n,
+            "batch": [batch] * n,
+            "x": detections["x"].to_numpy(dtype=float),
+            "y": detections["y"].to_numpy(dtype=float),
+            "x0": detections["x0"].to_numpy(dtype=np.int64),
+            "y0": detections["y0"].to_numpy(dtype=np.int64),
+            "x1": detections["x1"].to_numpy(dtype=np.int64),
+            "y1": detections["y1"].to_numpy(dtype=np.int64),
+            "score": (
+                detections["score"].to_numpy(dtype=float) if "score" in detections else 1.0
+            ),
+            "label": [None] * n,
+        },
+        index=pd.Index([make_cell_id(batch, rel, k) for k in range(n)], name="cell_id"),
+    )
+    return frame
+
+
+@dataclass
+class Collected:
+    """Cells gathered from inputs by :func:`collect_cells`.
+
+    Attributes
+    ----------
+    cells : pandas.DataFrame
+        One row per cell, indexed by cell id, columns :data:`CELL_COLUMNS`.
+    skipped : list of (str, str)
+        Files that could not be read, with the reason.
+    empty_inputs : list of (str, str)
+        Inputs that held no image.
+    n_sources : int
+        Number of image files read.
+    """
+
+    cells: pd.DataFrame
+    skipped: list[tuple[str, str]]
+    empty_inputs: list[tuple[str, str]]
+    n_sources: int
+
+
+def collect_cells(
+    inputs: Sequence[str | Path] | Scan,
+    *,
+    batch: str | None = None,
+    pixel_size_um: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Collected:
+    """Find every cell behind command-line inputs.
+
+    Smears are read and their WBCs detected (:func:`~.detect.detect_wbcs`); each
+    crop in a crop folder is one cell labelled with its folder name (only its
+    header is read here).
+
+    Parameters
+    ----------
+    inputs : sequence of str or Path, or Scan
+        Files and folders (see module docstring), or a :func:`scan_inputs` result.
+    batch : str, optional
+        One batch name for all inputs.
+    pixel_size_um : float, optional
+        Pixel size of the smears (um per pixel); sets detection sizes and crop size.
+    progress : callable, optional
+        ``progress(done, total)`` after each image file.
+
+    Returns
+    -------
+    Collected
+
+    Raises
+    ------
+    ValueError
+        If two inputs give the same cell id (same batch and relative path).
+    """
+    scan = inputs if isinstance(inputs, Scan) else scan_inputs(inputs, batch=batch)
+    skipped = list(scan.skipped)
+    rows: list[pd.DataFrame] = []
+    crop_rows: list[dict] = []
+    total = len(scan.sources)
+    n_read = 0
+    for done, source in enumerate(scan.sources, start=1):
+        try:
+            if source.kind == "crop":
+                crop_rows.append(_crop_row(source))
+                if len(crop_rows) >= 4096:
+                    rows.append(_crop_frame(crop_rows))
+                    crop_rows = []
+            else:
+                from napari_hemofm.core.detect import detect_wbcs
+
+                image = read_image(source.path)
+                found = detect_wbcs(image, pixel_size_um=pixel_size_um)
+                rows.append(
+                    detections_to_cells(
+                        found, source=str(source.path), batch=source.batch, rel=source.rel
+                    )
+                )
+            n_read += 1
+        except ImageReadError as exc:
+            skipped.append((str(source.path), _reason(exc, source.path)))
+        if progress is not None:
+            progress(done, total)
+    if crop_rows:
+        rows.append(_crop_frame(crop_rows))
+    if rows:
+        cells = pd.concat(rows)
+    else:
+        cells = pd.DataFrame(columns=CELL_COLUMNS, index=pd.Index([], name="cell_id"))
+    dup = cells.index[cells.index.duplicated()]
+    if len(dup):
+        raise ValueError(
+            f"two inputs give the same cell id {dup[0]!r}; give them different --batch names"
+        )
+    return Collected(cells, skipped, list(scan.empty_inputs), n_read)
+
+
+def _crop_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows).set_index("cell_id")
+
+
+def _reason(exc: Exception, path: Path) -> str:
+    text = str(exc)
+    prefix = f"{path}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def cells_from_image(
+    image: np.ndarray,
+    *,
+    name: str,
+    batch: str | None = None,
+    pixel_size_um: float | None = None,
+) -> pd.DataFrame:
+    """Detect the WBCs in an image array (e.g. a napari Image layer's data).
+
+    Parameters
+    ----------
+    image : ndarray
+        Any image :func:`~.io.to_rgb8` accepts (grey, RGB, RGBA, 8/16 bit).
+    name : str
+        The layer name: cells get ``source = name`` and ids ``"<batch>/<name>#<n>"``.
+    batch : str, optional
+        Defaults to ``name`` (in napari, one batch per image layer).
+    pixel_size_um : float, optional
+        Pixel size in um.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`CELL_COLUMNS`, indexed by cell id.
+    """
+    from napari_hemofm.core.detect import detect_wbcs
+    from napari_hemofm.core.io import LazyRGBImage, to_rgb8
+
+    rgb = image if isinstance(image, LazyRGBImage) else to_rgb8(image)
+    found = detect_wbcs(rgb, pixel_size_um=pixel_size_um)
+    return detections_to_cells(found, source=name, batch=batch or name, rel=name)

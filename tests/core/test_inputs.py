@@ -1,0 +1,122 @@
+"""Inputs: which folders are crop folders, default batch names, cell ids, skipped files."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_hemofm.core.inputs import (
+    classify_folder,
+    collect_cells,
+    default_batch_names,
+    make_cell_id,
+    scan_inputs,
+)
+
+
+def write_png(path, seed=0, size=(48, 40)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def make_crop_folder(root, classes=("neutrophil", "lymphocyte"), n=2):
+    for c in classes:
+        for k in range(n):
+            write_png(root / c / f"{c}_{k}.png", seed=k)
+    (root / "README.md").write_text("about these crops")
+    (root / "LICENSE").write_text("CC BY 4.0")
+    return root
+
+
+def test_folder_kinds(tmp_path):
+    """Subfolders with images make a crop folder; images at the root make a smear folder."""
+    crops = make_crop_folder(tmp_path / "crops")
+    smears = tmp_path / "smears"
+    write_png(smears / "s1.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    assert classify_folder(crops) == "crops"
+    assert classify_folder(smears) == "smears"
+    assert classify_folder(empty) == "empty"
+
+
+def test_default_batches_follow_folder_names_with_suffix_for_clashes(tmp_path):
+    """Folder input -> its name; file -> its folder's name; same name elsewhere -> _2."""
+    a = write_png(tmp_path / "x" / "lab" / "s1.png")
+    b = write_png(tmp_path / "x" / "lab" / "s2.png")
+    c = write_png(tmp_path / "y" / "lab" / "s3.png")
+    d = tmp_path / "y" / "lab"
+    names = default_batch_names([a, b, c, tmp_path / "x" / "lab", d])
+    assert names == ["lab", "lab", "lab_2", "lab", "lab_2"]
+
+
+def test_crop_folder_gives_one_labelled_cell_per_crop(tmp_path):
+    """Each crop is one cell labelled with its folder name; root files are ignored."""
+    root = make_crop_folder(tmp_path / "zheng_d1", classes=("monocyte", "basophil"), n=2)
+    result = collect_cells([root])
+    cells = result.cells
+    assert result.skipped == []
+    assert list(cells.index) == [
+        "zheng_d1/basophil/basophil_0.png#0",
+        "zheng_d1/basophil/basophil_1.png#0",
+        "zheng_d1/monocyte/monocyte_0.png#0",
+        "zheng_d1/monocyte/monocyte_1.png#0",
+    ]
+    assert set(cells["batch"]) == {"zheng_d1"}
+    assert cells["label"].tolist() == ["basophil", "basophil", "monocyte", "monocyte"]
+    row = cells.iloc[0]
+    assert (row.x0, row.y0, row.x1, row.y1) == (0, 0, 40, 48)
+    assert (row.x, row.y) == (20.0, 24.0)
+
+
+def test_batch_override_applies_to_all_inputs(tmp_path):
+    """--batch NAME puts every cell in batch NAME and into its cell ids."""
+    root = make_crop_folder(tmp_path / "crops", classes=("eosinophil",), n=1)
+    cells = collect_cells([root], batch="scanner_2").cells
+    assert cells.index.tolist() == ["scanner_2/eosinophil/eosinophil_0.png#0"]
+    assert cells["batch"].tolist() == ["scanner_2"]
+
+
+def test_bad_files_are_skipped_and_named_while_the_rest_goes_through(tmp_path):
+    """0-byte, non-image and stray files are listed in `skipped`; good crops are kept."""
+    root = make_crop_folder(tmp_path / "crops", classes=("lymphocyte",), n=2)
+    (root / "lymphocyte" / "empty.png").write_bytes(b"")
+    (root / "lymphocyte" / "notes.txt").write_text("not an image")
+    write_png(root / "stray.png")
+    result = collect_cells([root, tmp_path / "missing.png"])
+    skipped = dict(result.skipped)
+    assert len(result.cells) == 2
+    assert str(root / "lymphocyte" / "empty.png") in skipped
+    assert str(root / "lymphocyte" / "notes.txt") in skipped
+    assert "class folder" in skipped[str(root / "stray.png")]
+    assert "no such file" in skipped[str(tmp_path / "missing.png")]
+
+
+def test_empty_folder_and_folder_of_non_images_give_no_sources(tmp_path):
+    """Folders without images are reported as empty inputs, not crashes."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for k in range(3):
+        (texts / f"{k}.txt").write_text("x")
+    scan = scan_inputs([empty, texts])
+    assert scan.sources == []
+    assert [p for p, _ in scan.empty_inputs] == [str(empty), str(texts)]
+
+
+def test_cell_id_format():
+    """Cell ids are '<batch>/<relative path>#<n>'."""
+    assert make_cell_id("bccd", "BloodImage_00001.jpg", 2) == "bccd/BloodImage_00001.jpg#2"
+
+
+def test_same_relative_path_under_one_batch_is_refused(tmp_path):
+    """Two inputs forced into one batch with the same file names would clash: clear error."""
+    a = make_crop_folder(tmp_path / "a", classes=("monocyte",), n=1)
+    b = make_crop_folder(tmp_path / "b", classes=("monocyte",), n=1)
+    with pytest.raises(ValueError, match="different --batch"):
+        collect_cells([a, b], batch="same")
+    cells = collect_cells([a, b]).cells
+    assert set(cells["batch"]) == {"a", "b"}
