@@ -155,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("out_dir", metavar="OUT_DIR", type=Path)
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    sample.add_argument(
-        "--per-batch", type=int, default=2, help="smears per batch (default 2)"
-    )
+    sample.add_argument("--per-batch", type=int, default=2, help="smears per batch (default 2)")
     sample.set_defaults(func=cmd_sample)
     return parser
 

@@ -312,7 +312,7 @@ class CellTable:
     def set_labels(
         self,
         cell_ids: Iterable[str] | str,
-        labels: str | float | None | Sequence[str | float | None],
+        labels: str | float | Sequence[str | float | None] | None,
         *,
         origin: str = "user",
     ) -> pd.Series:
@@ -370,9 +370,7 @@ class CellTable:
         )
         return previous
 
-    def set_column(
-        self, name: str, values: Any, cell_ids: Iterable[str] | None = None
-    ) -> None:
+    def set_column(self, name: str, values: Any, cell_ids: Iterable[str] | None = None) -> None:
         """Write an ``obs`` column for all cells or for ``cell_ids``.
 
         Parameters

@@ -227,9 +227,7 @@ def detections_to_cells(
             "y0": detections["y0"].to_numpy(dtype=np.int64),
             "x1": detections["x1"].to_numpy(dtype=np.int64),
             "y1": detections["y1"].to_numpy(dtype=np.int64),
-            "score": (
-                detections["score"].to_numpy(dtype=float) if "score" in detections else 1.0
-            ),
+            "score": (detections["score"].to_numpy(dtype=float) if "score" in detections else 1.0),
             "label": [None] * n,
         },
         index=pd.Index([make_cell_id(batch, rel, k) for k in range(n)], name="cell_id"),

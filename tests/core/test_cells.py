@@ -125,7 +125,8 @@ def test_set_column_for_subset_fills_others_with_nan_and_signals():
     table.set_column("confidence", [0.9, 0.4], cell_ids=["lab/a.png#0", "lab/a.png#2"])
     table.set_column("prediction", ["neutrophil", "lymphocyte", "neutrophil", "monocyte"])
     conf = table.column("confidence").to_numpy()
-    assert conf[0] == 0.9 and conf[2] == 0.4
+    assert conf[0] == 0.9
+    assert conf[2] == 0.4
     assert np.isnan(conf[[1, 3]]).all()
     assert names == [("confidence",), ("prediction",)]
     assert set(table.classes) == {"neutrophil", "lymphocyte", "monocyte"}

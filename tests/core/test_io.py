@@ -23,7 +23,8 @@ def test_lossless_rgb_formats_read_back_exactly(tmp_path, ext):
     else:
         Image.fromarray(img).save(path)
     out = read_image(path)
-    assert out.dtype == np.uint8 and out.shape == (40, 60, 3)
+    assert out.dtype == np.uint8
+    assert out.shape == (40, 60, 3)
     np.testing.assert_array_equal(out, img)
 
 
@@ -82,8 +83,10 @@ def test_16bit_greyscale_png(tmp_path):
     grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(grey).save(tmp_path / "g16.png")
     out = read_image(tmp_path / "g16.png")
-    assert out.dtype == np.uint8 and out.shape == (64, 64, 3)
-    assert out.min() == 0 and out.max() == 255
+    assert out.dtype == np.uint8
+    assert out.shape == (64, 64, 3)
+    assert out.min() == 0
+    assert out.max() == 255
 
 
 def test_to_rgb8_handles_napari_array_layouts():
