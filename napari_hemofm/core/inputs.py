@@ -306,6 +306,9 @@ def collect_cells(
             else:
                 from napari_hemofm.core.detect import detect_wbcs
 
+                if crop_rows:  # keep the cells in source order
+                    rows.append(_crop_frame(crop_rows))
+                    crop_rows = []
                 image = read_image(source.path)
                 found = detect_wbcs(image, pixel_size_um=pixel_size_um)
                 rows.append(

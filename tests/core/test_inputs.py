@@ -120,3 +120,22 @@ def test_same_relative_path_under_one_batch_is_refused(tmp_path):
         collect_cells([a, b], batch="same")
     cells = collect_cells([a, b]).cells
     assert set(cells["batch"]) == {"a", "b"}
+
+
+def test_cells_keep_source_order_when_crops_and_smears_mix(tmp_path, monkeypatch):
+    """Cells come out in the order of their sources, crops and smears interleaved."""
+    import pandas as pd
+
+    from napari_hemofm.core import detect
+
+    def one_cell(image, **kw):
+        return pd.DataFrame(
+            {"x": [5.0], "y": [5.0], "x0": [0], "y0": [0], "x1": [10], "y1": [10], "score": [1.0]}
+        )
+
+    monkeypatch.setattr(detect, "detect_wbcs", one_cell)
+    crops = make_crop_folder(tmp_path / "crops", classes=("monocyte",), n=2)
+    smear = write_png(tmp_path / "smears" / "s.png")
+    more = make_crop_folder(tmp_path / "more", classes=("basophil",), n=1)
+    cells = collect_cells([crops, smear, more]).cells
+    assert [c.split("/")[0] for c in cells.index] == ["crops", "crops", "smears", "more"]
