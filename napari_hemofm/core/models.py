@@ -86,8 +86,8 @@ class ModelSpec:
         timm architecture, built at ``img_size=input_size`` with ``num_classes=0``;
         None for the handcrafted extractor.
     dim : int
-        Embedding dimension. 0 for ``handcrafted``, whose dimension is set by
-        ``core/features.py`` (read ``Backbone.dim`` after loading).
+        Embedding dimension (for ``handcrafted``: ``len(core.features.FEATURE_NAMES)``,
+        checked by a test).
     input_size : int
         Side of the square model input in pixels.
     hub_repo : str or None
@@ -150,8 +150,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     "handcrafted": ModelSpec(
         name="handcrafted",
         arch=None,
-        dim=0,
-        input_size=224,
+        dim=85,
+        input_size=256,
         hub_repo=None,
         zenodo_file=None,
         depth=0,

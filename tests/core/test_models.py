@@ -549,6 +549,9 @@ def test_handcrafted_needs_no_weights():
     bb = load_backbone("handcrafted")
     assert isinstance(bb, features.HandcraftedBackbone)
     assert bb.meta()["model"] == "handcrafted"
+    spec = MODEL_SPECS["handcrafted"]
+    assert (spec.dim, spec.input_size) == (bb.dim, bb.input_size)
+    assert spec.dim == len(features.FEATURE_NAMES)
 
 
 # --------------------------------------------------------------------------- bad files

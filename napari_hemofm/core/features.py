@@ -1,0 +1,547 @@
+"""The ``handcrafted`` backbone: colour, texture and shape features of one WBC crop.
+
+The offline default embedding: no weights, CPU only, a pure function of the crop.
+A crop is resized to :data:`INPUT_SIZE` px (texture is read there) and pooled to half
+that side for everything else; it is converted to optical density (Beer-Lambert, with
+the crop's own glass as the white point) and its central white cell is segmented into
+nucleus and cytoplasm (:func:`segment_cell`). The vector (:data:`FEATURE_NAMES`)
+describes size and nucleus shape, the stain colour of nucleus, cytoplasm and cell,
+and the texture of chromatin and granules; ``docs/handcrafted.md`` explains each group
+and its measured accuracy.
+
+Nothing here is fitted to data: every scale is a fixed constant from the feature's
+natural range, so a plain Euclidean kNN on the raw vectors is meaningful and a crop's
+vector never depends on which other crops are embedded with it.
+numpy, scipy, Pillow and scikit-image only; reads and writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+
+__all__ = [
+    "FEATURE_NAMES",
+    "FEATURE_VERSION",
+    "INPUT_SIZE",
+    "HandcraftedBackbone",
+    "handcrafted_features",
+    "segment_cell",
+]
+
+#: Side in px that every crop is squash-resized to; texture is measured at this size.
+INPUT_SIZE: int = 256
+#: Side of the pooled image used for segmentation, shape and colour.
+WORK_SIZE: int = INPUT_SIZE // 2
+#: Bumped whenever the vector changes meaning (saved with the embeddings).
+FEATURE_VERSION: int = 1
+
+# ---------------------------------------------------------------- fixed constants
+# Lengths are px of the WORK_SIZE image; OD is optical density (natural log).
+_OD_MAX = 3.0  # OD is clipped here: ln(256) ~ 5.5 is JPEG noise in the black
+_WHITE_PERCENTILE = 99.0  # per-channel white point: the brightest glass in the crop
+_MIN_WHITE = 32.0  # a crop darker than this everywhere has no glass to refer to
+_SMOOTH_SIGMA = 1.0  # before thresholding (JPEG blocks, granules)
+_NUCLEUS_MIN_CONTRAST = 0.15  # OD red - blue; below it no nucleus (blank or grey crop)
+_GLASS_MAX_OD = 0.10  # summed OD; glass is never darker than this floor
+_NUCLEUS_JOIN_PX = 3  # nucleus pieces this close to the central one belong to it
+_REACH_FRACTION = 0.6  # cytoplasm ends within this x nucleus-hull radius of the hull
+_REACH_MIN_PX = 5
+_SEED_GROW_PX = 3  # the nucleus seed grows past the nucleus rim's own edge
+_EDGE_OD_CLIP = 0.4  # OD per channel, about the cytoplasm's: nucleus rims are no edge
+_LOBE_DEPTH = 0.4  # a lobe's core is deeper than this x the nucleus' equivalent radius
+_MAX_LOBES = 4
+_QUANTILES = (0.1, 0.5, 0.9)
+_CHROMA_BINS = 5
+_CHROMA_RANGE = (0.0, 0.6)  # share of the OD in one channel
+_DENSITY_BINS = 8
+_DENSITY_RANGE = (0.0, 4.0)  # summed OD
+# Difference-of-Gaussian bands between these sigmas (WORK_SIZE px): granules,
+# chromatin, clumps and lobe gaps, lobes. The two finest are read at INPUT_SIZE.
+_DOG_SIGMAS = (0.0, 0.5, 1.0, 2.0, 4.0)
+_GLCM_LEVELS = 16
+_GLCM_PROPS = ("contrast", "homogeneity", "energy", "correlation")
+
+# Group weights. Values are in natural units (fractions, OD, square roots of
+# normalised histograms); these factors give the groups comparable spread in a
+# Euclidean distance. Size, texture and nucleus OD were then set on powers of two by
+# 5-fold cross-validation on pbc_dev (docs/handcrafted.md, "Scaling").
+_W_SIZE = 8.0  # diameter as a fraction of the crop side: 0.1 is a big difference
+_W_NUCLEUS_OD = 0.5  # nucleus OD quantiles: large but partly redundant with the cell's
+_W_OD_SPREAD = 2.0  # OD standard deviations are about half the OD levels
+_W_CHROMA = 10.0  # stain hue: the channels' OD shares differ by a few hundredths
+_W_TEXTURE = 4.0  # band energies are ~0.05-0.3 OD
+_W_GLCM = 2.0
+
+
+def _names() -> tuple[str, ...]:
+    names = [
+        "cell_diameter",
+        "nucleus_diameter",
+        "nucleus_cell_area_ratio",
+        "nucleus_solidity",
+        "nucleus_circularity",
+        "nucleus_thickness",
+        "nucleus_lobes",
+    ]
+    for region in ("nucleus", "cytoplasm", "cell"):
+        names += [f"{region}_od_{c}_q{round(q * 100)}" for q in _QUANTILES for c in "rgb"]
+    names += [f"cytoplasm_od_{c}_std" for c in "rgb"]
+    names += [f"cytoplasm_chroma_{c}" for c in "rgb"]
+    names += [
+        f"cytoplasm_chroma_hist_r{i}_b{j}"
+        for i in range(_CHROMA_BINS)
+        for j in range(_CHROMA_BINS)
+    ]
+    names += [f"cell_density_hist_{i}" for i in range(_DENSITY_BINS)]
+    for lo, hi in pairwise(_DOG_SIGMAS):
+        names += [f"nucleus_dog_{lo:g}-{hi:g}px", f"cytoplasm_dog_{lo:g}-{hi:g}px"]
+    names += [f"nucleus_glcm_{p}" for p in _GLCM_PROPS]
+    return tuple(names)
+
+
+#: One name per output dimension of :func:`handcrafted_features`.
+FEATURE_NAMES: tuple[str, ...] = _names()
+
+
+# ---------------------------------------------------------------------- the image
+def _as_rgb8(crop: np.ndarray) -> np.ndarray:
+    """Any image array -> ``(H, W, 3)`` uint8; uint8 RGB passes through untouched."""
+    arr = np.asarray(crop)
+    if arr.ndim == 3 and arr.shape[-1] == 3 and arr.dtype == np.uint8:
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise ValueError(f"empty crop: shape {arr.shape}")
+        return arr
+    from napari_hemofm.core.io import to_rgb8
+
+    return to_rgb8(arr)
+
+
+def _resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Squash-resize to ``(size, size, 3)``; PIL's bilinear filter antialiases when shrinking."""
+    if rgb.shape[:2] == (size, size):
+        return np.ascontiguousarray(rgb)
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def _optical_density(rgb: np.ndarray, white: np.ndarray) -> np.ndarray:
+    """``ln(white / I)`` per channel, float32 in ``[0, _OD_MAX]``."""
+    return np.clip(np.log(white / (rgb.astype(np.float32) + 1.0)), 0.0, _OD_MAX)
+
+
+def _densities(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Optical density of a crop at ``INPUT_SIZE`` and, 2x2-pooled, at ``WORK_SIZE``.
+
+    The white point ``I0`` is the crop's own (the 99th percentile of each channel, the
+    glass between the cells), so the colour and brightness of the lamp cancel out.
+    """
+    hi = _resize(_as_rgb8(crop), INPUT_SIZE)
+    f = hi.astype(np.float32)
+    lo = 0.25 * (f[0::2, 0::2] + f[1::2, 0::2] + f[0::2, 1::2] + f[1::2, 1::2])
+    white = np.percentile(lo.reshape(-1, 3), _WHITE_PERCENTILE, axis=0) + 1.0
+    white = np.maximum(white, _MIN_WHITE).astype(np.float32)
+    # uint8 in, so the large image's OD is a table lookup per channel
+    table = _optical_density(np.arange(256, dtype=np.float32)[:, None], white)
+    od_hi = np.stack([table[hi[..., c], c] for c in range(3)], axis=-1)
+    return od_hi, _optical_density(lo, white)
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold, or +inf for (nearly) constant values."""
+    from skimage.filters import threshold_otsu
+
+    if values.size == 0 or float(np.ptp(values)) < 1e-6:
+        return float("inf")
+    return float(threshold_otsu(values))
+
+
+def _glass_threshold(density: np.ndarray) -> float:
+    """Summed-OD level between glass and anything stained (lowest of three Otsu classes)."""
+    from skimage.filters import threshold_multiotsu
+
+    if float(np.ptp(density)) < 1e-3:
+        return _GLASS_MAX_OD
+    try:
+        low = float(threshold_multiotsu(density, classes=3)[0])
+    except ValueError:  # too few distinct levels for three classes
+        low = _otsu(density)
+    return max(low, _GLASS_MAX_OD)
+
+
+def _sum3(image: np.ndarray) -> np.ndarray:
+    """Sum over the last (colour) axis; numpy's reduction over 3 is slow."""
+    return image[..., 0] + image[..., 1] + image[..., 2]
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes`` by labelling the background (many times faster)."""
+    lab, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    return mask | ((lab > 0) & ~np.isin(lab, border))
+
+
+def _disk(radius: int) -> np.ndarray:
+    r = np.arange(-radius, radius + 1)
+    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius**2
+
+
+def _central_component(mask: np.ndarray) -> np.ndarray:
+    """The component of ``mask`` nearest the image centre, with those close to it."""
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    h, w = mask.shape
+    yy, xx = np.ogrid[:h, :w]
+    dist = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2)
+    nearest = int(np.argmin(ndi.minimum(dist, lab, np.arange(1, n + 1)))) + 1
+    near = ndi.binary_dilation(lab == nearest, iterations=_NUCLEUS_JOIN_PX)
+    return np.isin(lab, np.unique(lab[near & (lab > 0)]))
+
+
+def _segment(od: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nucleus, cell and nucleus convex hull (bool masks) of the central WBC in ``od``."""
+    from skimage.filters import sobel
+    from skimage.morphology import convex_hull_image
+    from skimage.segmentation import watershed
+
+    smooth = ndi.gaussian_filter(od, (_SMOOTH_SIGMA, _SMOOTH_SIGMA, 0))
+    # Nucleus: azure-eosin purple absorbs red light far more than blue; red cells and
+    # eosinophil granules absorb blue and so drop out of (red - blue).
+    purple = smooth[..., 0] - smooth[..., 2]
+    nucleus = purple > max(_otsu(purple), _NUCLEUS_MIN_CONTRAST)
+    nucleus = _fill_holes(_central_component(ndi.binary_opening(nucleus)))
+
+    density = _sum3(smooth)
+    stained = _fill_holes(density > _glass_threshold(density))
+    stained = ndi.binary_opening(stained, _disk(2))
+    if not nucleus.any():  # blank crop, bare platelet...: the stained blob at the centre
+        return nucleus, _central_component(stained), nucleus
+
+    # Cell: marker watershed on colour edges. Seeds: the nucleus, the glass, and every
+    # stained pixel farther from the nucleus than cytoplasm reaches (red cells,
+    # neighbours). Only a window around the nucleus can change, so only it is flooded.
+    rows, cols = np.flatnonzero(nucleus.any(axis=1)), np.flatnonzero(nucleus.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    hull = np.zeros_like(nucleus)
+    hull[box] = convex_hull_image(nucleus[box])
+    reach = max(_REACH_MIN_PX, _REACH_FRACTION * np.sqrt(hull.sum() / np.pi))
+    margin = int(np.ceil(reach)) + 3
+    win = (
+        slice(max(rows[0] - margin, 0), rows[-1] + margin + 1),
+        slice(max(cols[0] - margin, 0), cols[-1] + margin + 1),
+    )
+    inside, seed = stained[win], nucleus[win]
+    markers = np.where(inside, 0, 1).astype(np.int32)
+    markers[inside & (ndi.distance_transform_edt(~hull[win]) > reach)] = 3
+    markers[ndi.binary_dilation(seed, iterations=_SEED_GROW_PX) & inside] = 2
+    markers[seed] = 2
+    clipped = np.minimum(smooth[win], _EDGE_OD_CLIP)
+    edges = sobel(clipped[..., 0]) + sobel(clipped[..., 1]) + sobel(clipped[..., 2])
+    cell = np.zeros_like(nucleus)
+    cell[win] = watershed(edges, markers) == 2
+    cell = _fill_holes(ndi.binary_opening(cell) | nucleus)
+    lab, n = ndi.label(cell)
+    if n > 1:
+        cell = lab == int(np.argmax(ndi.sum(nucleus, lab, np.arange(1, n + 1)))) + 1
+    return nucleus, cell | nucleus, hull
+
+
+def segment_cell(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Segment the central white cell of a crop into nucleus and whole cell.
+
+    Parameters
+    ----------
+    crop : ndarray of shape (H, W, 3), uint8
+        RGB crop with the cell near its centre. Greyscale, RGBA and other dtypes are
+        normalised with :func:`napari_hemofm.core.io.to_rgb8`.
+
+    Returns
+    -------
+    nucleus : ndarray of shape (H, W), bool
+        The nucleus (pieces within a few px of the central one joined, holes filled);
+        all False when nothing nucleus-coloured is found.
+    cell : ndarray of shape (H, W), bool
+        The whole cell, nucleus included.
+
+    Notes
+    -----
+    Runs at ``WORK_SIZE`` px, as the features do, and scales the masks back to the
+    crop (nearest neighbour). The nucleus is the Otsu-thresholded purple channel
+    ``OD_red - OD_blue`` component nearest the centre; the cell is a marker watershed
+    on colour edges between that nucleus, the glass, and stained pixels too far from
+    the nucleus to be its cytoplasm.
+    """
+    rgb = _as_rgb8(crop)
+    h, w = rgb.shape[:2]
+    nucleus, cell, _ = _segment(_densities(rgb)[1])
+    rows = np.minimum((np.arange(h) + 0.5) * WORK_SIZE / h, WORK_SIZE - 1).astype(int)
+    cols = np.minimum((np.arange(w) + 0.5) * WORK_SIZE / w, WORK_SIZE - 1).astype(int)
+    return nucleus[np.ix_(rows, cols)], cell[np.ix_(rows, cols)]
+
+
+# ------------------------------------------------------------------- the features
+def _shape_features(nucleus: np.ndarray, cell: np.ndarray, hull: np.ndarray) -> np.ndarray:
+    """Size (fractions of the crop side), N/C ratio and nucleus shape: 7 values."""
+    from skimage.measure import perimeter
+
+    side2 = float(nucleus.size)
+    n_area, c_area = float(nucleus.sum()), float(cell.sum())
+    out = np.zeros(7)
+    out[0] = _W_SIZE * np.sqrt(c_area / side2)
+    out[1] = _W_SIZE * np.sqrt(n_area / side2)
+    out[2] = n_area / c_area if c_area else 0.0
+    if n_area >= 4:
+        radius = np.sqrt(n_area / np.pi)
+        depth = ndi.distance_transform_edt(nucleus)
+        _, lobes = ndi.label(depth > _LOBE_DEPTH * radius)
+        out[3] = n_area / max(float(hull.sum()), n_area)  # solidity
+        out[4] = min(1.0, 4 * np.pi * n_area / max(perimeter(nucleus), 1.0) ** 2)
+        out[5] = float(depth.max()) / radius  # 1 for a disc, low for a thin band
+        out[6] = min(lobes, _MAX_LOBES) / _MAX_LOBES
+    return out
+
+
+def _quantiles(values: np.ndarray) -> np.ndarray:
+    """Quantiles of each OD channel, ``(3 * len(_QUANTILES),)``, quantile-major."""
+    if len(values) < 3:
+        return np.zeros(3 * len(_QUANTILES))
+    return np.quantile(values, _QUANTILES, axis=0).ravel()
+
+
+def _sqrt_hist(hist: np.ndarray) -> np.ndarray:
+    """Square root of an L1-normalised histogram (Euclidean distance becomes Hellinger)."""
+    hist = hist.ravel().astype(np.float64)
+    total = hist.sum()
+    return np.sqrt(hist / total) if total > 0 else hist
+
+
+def _colour_features(od: np.ndarray, nucleus: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """OD quantiles of nucleus, cytoplasm, cell; cytoplasm spread and hue; histograms: 66."""
+    cyto_od = od[cell & ~nucleus]
+    parts = [
+        _W_NUCLEUS_OD * _quantiles(od[nucleus]),
+        _quantiles(cyto_od),
+        _quantiles(od[cell]),
+    ]
+    if len(cyto_od) >= 3:
+        mean = cyto_od.mean(axis=0)
+        total = np.maximum(_sum3(cyto_od), 1e-3)
+        hist, _, _ = np.histogram2d(
+            cyto_od[:, 0] / total,
+            cyto_od[:, 2] / total,
+            bins=_CHROMA_BINS,
+            range=[_CHROMA_RANGE, _CHROMA_RANGE],
+        )
+        parts += [
+            _W_OD_SPREAD * cyto_od.std(axis=0),
+            _W_CHROMA * mean / max(float(mean.sum()), 1e-3),
+            _sqrt_hist(hist),
+        ]
+    else:
+        parts.append(np.zeros(6 + _CHROMA_BINS**2))
+    hist, _ = np.histogram(_sum3(od[cell]), bins=_DENSITY_BINS, range=_DENSITY_RANGE)
+    parts.append(_sqrt_hist(hist))
+    return np.concatenate(parts)
+
+
+def _band_rms(bands: list[np.ndarray], regions: tuple[np.ndarray, ...]) -> list[float]:
+    return [
+        float(np.sqrt(np.mean(band[region] ** 2))) if region.sum() >= 3 else 0.0
+        for band in bands
+        for region in regions
+    ]
+
+
+def _texture_features(
+    od_hi: np.ndarray, od_lo: np.ndarray, nucleus: np.ndarray, cell: np.ndarray
+) -> np.ndarray:
+    """Difference-of-Gaussian band energies of nucleus and cytoplasm; nucleus GLCM: 12."""
+    from skimage.feature import graycomatrix, graycoprops
+
+    nucleus_hi = nucleus.repeat(2, axis=0).repeat(2, axis=1)
+    cyto_hi = (cell & ~nucleus).repeat(2, axis=0).repeat(2, axis=1)
+    cyto = cell & ~nucleus
+    # The fine bands (granules, chromatin grain) need the full INPUT_SIZE; the coarse
+    # ones (clumps, lobe gaps) are the same at WORK_SIZE and 4x cheaper there.
+    s = _DOG_SIGMAS
+    hi = _sum3(od_hi)
+    g1 = ndi.gaussian_filter(hi, 2 * s[1], truncate=3.0)
+    g2 = ndi.gaussian_filter(hi, 2 * s[2], truncate=3.0)
+    lo = _sum3(od_lo)
+    l2, l3, l4 = (ndi.gaussian_filter(lo, sg, truncate=3.0) for sg in s[2:])
+    out = _band_rms([hi - g1, g1 - g2], (nucleus_hi, cyto_hi))
+    out += _band_rms([l2 - l3, l3 - l4], (nucleus, cyto))
+    out = [_W_TEXTURE * v for v in out]
+    if nucleus.sum() < 4:
+        return np.asarray([*out, 0.0, 0.0, 0.0, 0.0])
+    # Grey-level co-occurrence inside the nucleus: level 0 marks outside and is dropped.
+    levels = np.clip(hi / 4.0 * (_GLCM_LEVELS - 1), 0, _GLCM_LEVELS - 1).astype(np.uint8)
+    image = np.where(nucleus_hi, levels + 1, 0).astype(np.uint8)
+    glcm = graycomatrix(
+        image,
+        distances=[1, 2],
+        angles=[0, np.pi / 4, np.pi / 2, 3 * np.pi / 4],
+        levels=_GLCM_LEVELS + 1,
+        symmetric=True,
+    )[1:, 1:].astype(np.float64)
+    glcm /= np.maximum(glcm.sum(axis=(0, 1), keepdims=True), 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        props = [float(np.nan_to_num(graycoprops(glcm, p).mean())) for p in _GLCM_PROPS]
+    props[0] = np.sqrt(props[0]) / 4.0  # contrast is in squared grey levels
+    return np.asarray(out + [_W_GLCM * p for p in props])
+
+
+def handcrafted_features(crop: np.ndarray) -> np.ndarray:
+    """Describe one white-cell crop by fixed-scale colour, texture and shape features.
+
+    Parameters
+    ----------
+    crop : ndarray of shape (H, W, 3), uint8
+        RGB crop of any size with the cell near its centre. Greyscale, RGBA and other
+        dtypes are normalised with :func:`napari_hemofm.core.io.to_rgb8`.
+
+    Returns
+    -------
+    ndarray of shape (85,), float32
+        Finite feature vector; dimension ``i`` is ``FEATURE_NAMES[i]``.
+
+    Raises
+    ------
+    ValueError
+        If the crop is empty or not an image (see ``to_rgb8``).
+
+    Notes
+    -----
+    The crop is squash-resized to ``INPUT_SIZE`` px, so lengths are fractions of the
+    crop side. Groups (``docs/handcrafted.md``): size and nucleus shape (7); optical
+    density quantiles of nucleus, cytoplasm and cell (27); cytoplasm OD spread and
+    stain hue, each channel's share of the OD (6); cytoplasm hue histogram (25) and
+    cell density histogram (8), square-rooted; difference-of-Gaussian band energy of
+    nucleus and cytoplasm at 4 scales (8); nucleus grey-level co-occurrence (4).
+    A pure function of the crop: no statistic of any data set enters it.
+    """
+    od_hi, od_lo = _densities(crop)
+    nucleus, cell, hull = _segment(od_lo)
+    vec = np.concatenate(
+        [
+            _shape_features(nucleus, cell, hull),
+            _colour_features(od_lo, nucleus, cell),
+            _texture_features(od_hi, od_lo, nucleus, cell),
+        ]
+    ).astype(np.float32)
+    return np.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+# ---------------------------------------------------------------------- backbone
+class HandcraftedBackbone:
+    """The ``handcrafted`` model: :func:`handcrafted_features` behind the backbone API.
+
+    ``prepare`` does all the work (thread-safe, called in the embedding pipeline's
+    worker threads); ``forward`` only stacks. No weights, CPU only.
+
+    Attributes
+    ----------
+    name : str
+        ``"handcrafted"``.
+    dim : int
+        Embedding dimension, ``len(FEATURE_NAMES)``.
+    input_size : int
+        Side crops are resized to (:data:`INPUT_SIZE`).
+    weights_sha256 : None
+        No weights.
+    device : str
+        ``"cpu"``.
+    """
+
+    name: str = "handcrafted"
+    dim: int = len(FEATURE_NAMES)
+    input_size: int = INPUT_SIZE
+    weights_sha256: str | None = None
+    device: str = "cpu"
+
+    def prepare(self, crop: np.ndarray) -> np.ndarray:
+        """Feature vector of one crop.
+
+        Parameters
+        ----------
+        crop : ndarray of shape (H, W, 3), uint8
+            RGB crop, any size.
+
+        Returns
+        -------
+        ndarray of shape (dim,), float32
+        """
+        return handcrafted_features(crop)
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Stack prepared vectors (identity).
+
+        Parameters
+        ----------
+        batch : ndarray of shape (B, dim)
+            Outputs of :meth:`prepare`.
+
+        Returns
+        -------
+        ndarray of shape (B, dim), float32
+
+        Raises
+        ------
+        ValueError
+            If the batch is not ``(B, dim)``.
+        """
+        arr = np.asarray(batch, dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise ValueError(f"expected a batch of shape (B, {self.dim}), got {arr.shape}")
+        return arr
+
+    def embed_crops(self, crops: Iterable[np.ndarray], *, n_threads: int = 1) -> np.ndarray:
+        """Feature vectors of many crops, in order.
+
+        Parameters
+        ----------
+        crops : iterable of ndarray of shape (H, W, 3), uint8
+            RGB crops, sizes may differ.
+        n_threads : int, default 1
+            Threads to extract with (the heavy steps release the GIL).
+
+        Returns
+        -------
+        ndarray of shape (n_crops, dim), float32
+        """
+        if n_threads > 1:
+            with ThreadPoolExecutor(n_threads) as pool:
+                rows = list(pool.map(handcrafted_features, crops))
+        else:
+            rows = [handcrafted_features(c) for c in crops]
+        if not rows:
+            return np.zeros((0, self.dim), np.float32)
+        return self.forward(np.stack(rows))
+
+    def meta(self) -> dict[str, Any]:
+        """Provenance for ``adata.uns["hemofm"]``.
+
+        Returns
+        -------
+        dict
+            ``model``, ``input_size``, ``embedding_dim``, ``feature_version`` (no
+            ``weights_sha256``: there are no weights).
+        """
+        return {
+            "model": self.name,
+            "input_size": int(self.input_size),
+            "embedding_dim": int(self.dim),
+            "feature_version": FEATURE_VERSION,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim}, input_size={self.input_size})"
