@@ -59,11 +59,17 @@ def random_weights(model: str, folder: Path) -> Path | None:
 
     from napari_hemofm.core.models import build_model, get_spec
 
-    path = folder / model / "model.safetensors"
+    path = folder / model / "ls1" / "model.safetensors"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         net = build_model(get_spec(model))
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+        state = net.state_dict()
+        for key, value in state.items():
+            if key.endswith(".gamma"):
+                # timm initialises LayerScale at 1e-5, which makes a random ViT almost an
+                # identity; DINOv2's hub init is 1.0, closer to a trained network's scale
+                value.fill_(1.0)
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
     return path
 
 

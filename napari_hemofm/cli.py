@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from napari_hemofm import __version__
@@ -74,10 +74,9 @@ def _warn(text: str) -> None:
     print(f"hemofm: warning: {text}", file=sys.stderr)
 
 
-def cmd_detect(args: argparse.Namespace) -> int:
-    """Detect WBCs in smears (and list crops) and write one CSV row per cell."""
-    from napari_hemofm.core.inputs import collect_cells, scan_inputs
-    from napari_hemofm.core.io import format_skipped
+def _scan(args: argparse.Namespace):
+    """List the inputs' image files; warn about empty inputs; fail when there is none."""
+    from napari_hemofm.core.inputs import scan_inputs
 
     scan = scan_inputs(args.inputs, batch=args.batch)
     for path, why in scan.empty_inputs:
@@ -86,6 +85,15 @@ def cmd_detect(args: argparse.Namespace) -> int:
         reasons = [*scan.empty_inputs, *scan.skipped]
         why = "; ".join(f"{p}: {w}" for p, w in reasons[:3]) or "no inputs"
         raise CommandError(f"no readable image in the inputs ({why})")
+    return scan
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    """Detect WBCs in smears (and list crops) and write one CSV row per cell."""
+    from napari_hemofm.core.inputs import collect_cells
+    from napari_hemofm.core.io import format_skipped
+
+    scan = _scan(args)
     progress, close = _progress_bar("detect", "image")
     try:
         result = collect_cells(scan, pixel_size_um=args.pixel_size, progress=progress)
@@ -128,17 +136,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """Find the cells behind the inputs, embed them, and write a project file."""
     from napari_hemofm.core.cells import CellTable
     from napari_hemofm.core.embed import embed_table
-    from napari_hemofm.core.inputs import collect_cells, scan_inputs
+    from napari_hemofm.core.inputs import collect_cells
     from napari_hemofm.core.io import format_skipped
     from napari_hemofm.core.models import WeightsError, load_backbone
 
-    scan = scan_inputs(args.inputs, batch=args.batch)
-    for path, why in scan.empty_inputs:
-        _warn(f"{path}: {why}")
-    if not scan.sources:
-        reasons = [*scan.empty_inputs, *scan.skipped]
-        why = "; ".join(f"{p}: {w}" for p, w in reasons[:3]) or "no inputs"
-        raise CommandError(f"no readable image in the inputs ({why})")
+    scan = _scan(args)
+    if args.cluster:
+        return _embed_on_cluster(args, scan)
     try:
         backbone = load_backbone(
             args.model,
@@ -178,6 +182,62 @@ def cmd_embed(args: argparse.Namespace) -> int:
     print(
         f"{n_done} of {table.n_cells} cell(s) embedded with {args.model} "
         f"(dim {backbone.dim}), {len(table.batches)} batch(es) -> {path}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _embed_on_cluster(args: argparse.Namespace, scan) -> int:
+    """`hemofm embed --cluster`: chunks on Dask workers, merged into the same project."""
+    from napari_hemofm.core.cluster import EmbedJob, embed_on_cluster, parse_cluster
+    from napari_hemofm.core.io import format_skipped
+    from napari_hemofm.core.models import WeightsError, get_spec, resolve_weights
+
+    try:
+        parse_cluster(args.cluster)
+        weights = None
+        if get_spec(args.model).needs_weights:  # fail (or download) here, not on every worker
+            weights = str(resolve_weights(args.model, args.weights, download=args.download))
+    except (WeightsError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+    job = EmbedJob(
+        model=args.model,
+        weights=weights,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        pixel_size_um=args.pixel_size,
+    )
+    progress, close = _progress_bar(f"embed on {args.cluster}", "chunk")
+    try:
+        table, summary = embed_on_cluster(
+            scan,
+            job,
+            args.out,
+            cluster=args.cluster,
+            chunk_size=args.chunk_size,
+            progress=progress,
+        )
+    except (OSError, TimeoutError) as exc:
+        raise CommandError(f"cluster {args.cluster}: {exc}") from None
+    finally:
+        close()
+    skipped = [*scan.skipped, *summary["skipped"]]
+    if skipped:
+        _warn(format_skipped(skipped))
+    if table is None or table.n_cells == 0:
+        raise CommandError("no cells found in the inputs: nothing to embed")
+    import numpy as np
+
+    emb = table.embeddings
+    n_done = 0 if emb is None else int(np.isfinite(emb).all(axis=1).sum())
+    if n_done == 0:
+        raise CommandError("no cell could be embedded (see the warning above)")
+    path = table.save(args.out)
+    print(
+        f"{n_done} of {table.n_cells} cell(s) embedded with {args.model} on {args.cluster} "
+        f"({summary['computed']} chunk(s) computed, {summary['reused']} reused from "
+        f"{summary['chunk_dir']}) -> {path}",
         file=sys.stderr,
     )
     return 0
@@ -240,6 +300,104 @@ def cmd_umap(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.project}: {exc}") from None
     table.save(args.project)
     print(f"obsm['X_umap'] written to {args.project}", file=sys.stderr)
+    return 0
+
+
+DEMO_TIMEOUT_S = 600.0
+"""How long ``hemofm demo --no-run`` / ``--screenshot`` waits for the embedding and map."""
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Run the Qt event loop until ``condition()`` holds; False on timeout."""
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        app.processEvents()
+        time.sleep(0.02)
+    return True
+
+
+def run_demo(
+    *,
+    run: bool = True,
+    screenshot: str | Path | None = None,
+    close: bool = True,
+    timeout: float = DEMO_TIMEOUT_S,
+):
+    """Open napari with the synthetic sample, embed it offline and show the cell map.
+
+    Parameters
+    ----------
+    run : bool
+        Enter napari's event loop (``napari.run()``) and return when the window closes.
+        False: wait until the embedding and the map are done, then return.
+    screenshot : str or Path, optional
+        With ``run=False``: save a screenshot of the whole window there.
+    close : bool
+        With ``run=False``: close the viewer before returning.
+    timeout : float
+        With ``run=False``: seconds to wait for the embedding and the map.
+
+    Returns
+    -------
+    napari.Viewer
+        The demo's viewer (closed when ``close`` and ``run=False``).
+
+    Raises
+    ------
+    CommandError
+        When napari or a Qt binding is missing, or the work did not finish in time.
+    """
+    try:
+        import napari
+    except ImportError as exc:  # pragma: no cover - napari is a dependency
+        raise CommandError(f"napari is not installed ({exc})") from None
+    try:
+        viewer = napari.Viewer(title="HemoFM demo", show=run or screenshot is not None)
+    except Exception as exc:
+        raise CommandError(
+            f"napari could not open a window ({type(exc).__name__}: {exc}); install a Qt "
+            "binding (pip install 'napari-hemofm[qt]') and run it on a display"
+        ) from None
+    viewer.open_sample("napari-hemofm", "synthetic_smears")
+    _, embed = viewer.window.add_plugin_dock_widget("napari-hemofm", "Embed cells")
+    _, cell_map = viewer.window.add_plugin_dock_widget("napari-hemofm", "Cell map")
+    embed.model_combo.setCurrentText("handcrafted")
+    embed.run()
+    if run:
+        napari.run()
+        return viewer
+
+    def settled() -> bool:
+        return not embed.running and not getattr(cell_map, "is_computing", False)
+
+    done = _wait_until(settled, timeout)
+    status = embed.status
+    try:
+        if not done:
+            raise CommandError(f"the demo did not finish within {timeout:.0f} s")
+        if screenshot is not None:
+            _wait_until(lambda: False, 0.5)  # let the canvas draw the last frame
+            viewer.screenshot(str(screenshot), canvas_only=False)
+    finally:
+        if close:
+            viewer.close()
+    print(f"demo: {status}", file=sys.stderr)
+    return viewer
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Open napari with the synthetic sample, the Embed panel and the Cell map."""
+    run = not (args.no_run or args.screenshot is not None)
+    run_demo(run=run, screenshot=args.screenshot)
+    if args.screenshot is not None:
+        print(f"screenshot -> {args.screenshot}", file=sys.stderr)
     return 0
 
 
@@ -317,6 +475,21 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--pixel-size", type=_positive_float, metavar="UM", help="micrometres per pixel"
     )
+    embed.add_argument(
+        "--cluster",
+        metavar="local[:N]|tcp://HOST:PORT",
+        help=(
+            "embed on a Dask cluster: a local one with N worker processes, or an existing "
+            "scheduler; finished chunks are kept in OUT.chunks/ and reused on a rerun"
+        ),
+    )
+    embed.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="image files per cluster task (default 64)",
+    )
     embed.add_argument("--out", required=True, type=Path, help="project file (.h5ad)")
     embed.set_defaults(func=cmd_embed)
 
@@ -358,6 +531,25 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sample.add_argument("--per-batch", type=int, default=2, help="smears per batch (default 2)")
     sample.set_defaults(func=cmd_sample)
+
+    demo = sub.add_parser(
+        "demo",
+        help="open napari with the synthetic sample embedded and the cell map",
+        description=(
+            "Open napari with the synthetic sample smears (three batches), dock the "
+            "Embed cells panel and the Cell map, embed the cells with the offline "
+            "handcrafted backend and show the map."
+        ),
+    )
+    demo.add_argument(
+        "--screenshot",
+        type=Path,
+        metavar="PNG",
+        help="save a screenshot of the window once the map is drawn, then exit",
+    )
+    # testing: build everything, wait for the work, close, exit (no event loop)
+    demo.add_argument("--no-run", action="store_true", help=argparse.SUPPRESS)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
