@@ -68,6 +68,7 @@ from napari_hemofm._widgets._layers import (
     source_key,
 )
 from napari_hemofm._widgets._session import get_session
+from napari_hemofm._widgets._workers import start_worker
 from napari_hemofm.core.models import MODEL_NAMES
 
 if TYPE_CHECKING:
@@ -1021,7 +1022,7 @@ class EmbedWidget(QWidget):
         worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
         self._worker = worker
-        worker.start()
+        start_worker(worker)  # a private pool: see _workers.py on Qt's global one
         return worker
 
     def _new_cancel_event(self) -> None:
@@ -1131,7 +1132,7 @@ class EmbedWidget(QWidget):
         worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_download_finished)
         self._download_worker = worker
-        worker.start()
+        start_worker(worker)  # a private pool: see _workers.py on Qt's global one
         return worker
 
     def _on_download_progress(self, item: Progress) -> None:

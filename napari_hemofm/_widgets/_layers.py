@@ -345,13 +345,16 @@ class CellsLayerSync:
         view = self._views.get(key)
         if viewer is None or view is None:
             return
+        # napari refreshes a layer on every `visible` assignment, even to the same
+        # value (~0.2 s for 100k points): only assign what changes
+        wanted = [(view.image, True), (view.points, True)]
         if not _grid_enabled(viewer):
             for other in self._views.values():
                 if other is not view:
-                    other.image.visible = False
-                    other.points.visible = False
-        view.image.visible = True
-        view.points.visible = True
+                    wanted += [(other.image, False), (other.points, False)]
+        for layer, visible in wanted:
+            if layer.visible != visible:
+                layer.visible = visible
 
     def jump_to(self, row: int) -> None:
         """Show the image of table row ``row``, make its ``cells`` layer active and centre it.
