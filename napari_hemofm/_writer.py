@@ -13,7 +13,6 @@ features and coordinates.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,12 +146,6 @@ def write_csv(path: str, layer_data: list[FullLayerData]) -> list[str]:
             part["y"], part["x"] = coords[:, -2], coords[:, -1]
             parts.append(part)
         frame = pd.concat(parts, ignore_index=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return [str(out)]
+    from napari_hemofm.core.io import write_csv as write_csv_file
+
+    return [str(write_csv_file(frame, out))]

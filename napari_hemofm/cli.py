@@ -8,7 +8,6 @@ clear line says why, no traceback); 2 for usage errors (argparse).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,18 +57,6 @@ def _progress_bar(desc: str, unit: str):
     return progress, bar.close
 
 
-def _write_csv(frame, out: Path) -> None:
-    """Write a CSV atomically (a crash never leaves half a file under ``out``)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _warn(text: str) -> None:
     print(f"hemofm: warning: {text}", file=sys.stderr)
 
@@ -91,7 +78,7 @@ def _scan(args: argparse.Namespace):
 def cmd_detect(args: argparse.Namespace) -> int:
     """Detect WBCs in smears (and list crops) and write one CSV row per cell."""
     from napari_hemofm.core.inputs import collect_cells
-    from napari_hemofm.core.io import format_skipped
+    from napari_hemofm.core.io import format_skipped, write_csv
 
     scan = _scan(args)
     progress, close = _progress_bar("detect", "image")
@@ -106,7 +93,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if result.n_sources == 0:
         raise CommandError("none of the input images could be read (see the warning above)")
     table = result.cells.reset_index().rename(columns={"source": "image"})
-    _write_csv(table[DETECT_CSV_COLUMNS], args.out)
+    write_csv(table[DETECT_CSV_COLUMNS], args.out)
     n_images = table["image"].nunique()
     print(
         f"{len(table)} cell(s) from {result.n_sources} image(s) "

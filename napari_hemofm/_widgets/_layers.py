@@ -25,7 +25,6 @@ changed rows of ``features`` and of the colour arrays are written, then one
 
 from __future__ import annotations
 
-import colorsys
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from napari_hemofm._widgets._colors import class_rgb
 from napari_hemofm._widgets._session import get_session
 
 if TYPE_CHECKING:
@@ -77,13 +77,6 @@ FEATURE_COLUMNS = ("cell_id", "label", "prediction", "confidence", "batch")
 _OPTIONAL_FEATURES = ("score",)
 _CATEGORICAL = ("label", "prediction", "batch")
 
-#: Colours of the classes in class (hotkey) order: the Cell map's palette (Tableau 20,
-#: saturated first), so a class has one colour in every view; then golden-angle hues.
-_PALETTE = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-    "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
-    "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#393b79", "#637939",
-)  # fmt: skip
 #: Border colour of an unlabelled cell (RGBA): the map's "no value" grey.
 UNLABELLED_COLOR = (0.5, 0.5, 0.5, 1.0)
 _FACE_ALPHA = 0.18
@@ -93,11 +86,7 @@ _POINT_FRACTION = 0.8  # point diameter over the crop side: a ring around the ce
 
 def class_color(index: int) -> tuple[float, float, float]:
     """RGB colour (0-1) of class number ``index``, as the Cell map draws it."""
-    if index < len(_PALETTE):
-        h = _PALETTE[index].lstrip("#")
-        return tuple(int(h[i : i + 2], 16) / 255.0 for i in (0, 2, 4))  # type: ignore[return-value]
-    hue = (index * 0.618033988749895) % 1.0
-    return colorsys.hsv_to_rgb(hue, 0.65, 0.95)
+    return class_rgb(index)
 
 
 def label_colors(labels: Sequence[Any] | np.ndarray, classes: Sequence[str]) -> np.ndarray:

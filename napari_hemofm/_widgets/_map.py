@@ -35,6 +35,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_hemofm._widgets._colors import MISSING_COLOR, class_hex
 from napari_hemofm._widgets._scatter import ScatterCanvas, rgba_to_argb32
 from napari_hemofm._widgets._session import get_session
 from napari_hemofm._widgets._thumbstrip import (
@@ -51,15 +52,6 @@ if TYPE_CHECKING:
     from napari_hemofm.core.cells import CellTable
     from napari_hemofm.core.session import CellSession
 
-#: Qualitative palette for categories (no greys: grey means "no value"). Tableau 20,
-#: saturated colours first; further categories get golden-angle hues.
-PALETTE: tuple[str, ...] = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-    "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
-    "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#393b79", "#637939",
-)  # fmt: skip
-#: Colour of cells with no value (unlabelled, no prediction, NaN).
-MISSING_COLOR = "#808080"
 #: Colormap of numeric columns.
 COLORMAP = "viridis"
 #: Columns offered first in "Colour by", in this order.
@@ -76,10 +68,7 @@ HOVER_PREFETCH = 12
 
 def palette_color(index: int) -> str:
     """Colour of category number ``index`` (stable: the palette, then golden-angle hues)."""
-    if index < len(PALETTE):
-        return PALETTE[index]
-    hue = (index * 0.618033988749895) % 1.0
-    return QColor.fromHsvF(hue, 0.65, 0.95).name()
+    return class_hex(index)
 
 
 def _hex_to_argb(color: str) -> int:

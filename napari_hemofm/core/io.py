@@ -339,6 +339,29 @@ class SkippedFilesWarning(UserWarning):
 
 
 # ------------------------------------------------------------------- projects
+def write_csv(frame: Any, path: str | Path) -> Path:
+    """Write a pandas DataFrame as CSV (no index) atomically.
+
+    The text goes to a temporary name beside ``path`` and is then renamed over it, so an
+    interrupted write never leaves half a file under ``path``.
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def save_project(table: CellTable, path: str | Path) -> Path:
     """Write a cell table to an ``.h5ad`` project file.
 
