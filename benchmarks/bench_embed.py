@@ -83,12 +83,14 @@ def cell_frame(paths: list[Path], size: int):
 
 def peak_rss_run(args: argparse.Namespace, crops: list[Path], weights: Path | None) -> dict:
     """Embed len(crops) files in a fresh process; report its peak RSS and throughput."""
+    listing = args.workdir / f"rss_paths_{len(crops)}.json"
+    listing.write_text(json.dumps([str(p) for p in crops]))
     code = f"""
 import json, resource, sys, time
 import pandas as pd
 from napari_hemofm.core.embed import embed_cells
 from napari_hemofm.core.models import load_backbone
-paths = {[str(p) for p in crops]!r}
+paths = json.loads(open({str(listing)!r}).read())
 frame = pd.DataFrame({{"source": paths, "x0": 0, "y0": 0, "x1": {args.size}, "y1": {args.size}}})
 bb = load_backbone({args.model!r}, weights={None if weights is None else str(weights)!r},
                    precision={args.precision!r})

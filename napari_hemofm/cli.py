@@ -352,9 +352,11 @@ def run_demo(
             f"napari could not open a window ({type(exc).__name__}: {exc}); install a Qt "
             "binding (pip install 'napari-hemofm[qt]') and run it on a display"
         ) from None
+    viewer.window.resize(1600, 1000)  # room for the image beside the two panels
     viewer.open_sample("napari-hemofm", "synthetic_smears")
     _, embed = viewer.window.add_plugin_dock_widget("napari-hemofm", "Embed cells")
     _, cell_map = viewer.window.add_plugin_dock_widget("napari-hemofm", "Cell map")
+    cell_map.set_color_by("batch")  # nothing is labelled yet: show the three labs
     embed.model_combo.setCurrentText("handcrafted")
     embed.run()
     if run:
