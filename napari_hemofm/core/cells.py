@@ -18,6 +18,8 @@ from psygnal import Signal, SignalGroup
 if TYPE_CHECKING:
     import anndata as ad
 
+    from napari_hemofm.core.journal import LabelJournal
+
 SCHEMA_VERSION = 1
 """Version of the saved cell-table layout (``uns["hemofm"]["schema_version"]``)."""
 
@@ -151,6 +153,8 @@ class CellTable:
         adata.uns["hemofm"] = meta
         self._adata = adata
         self._position: pd.Series | None = None
+        #: Label journal (see :mod:`~.journal`); set by load/save of a project file.
+        self.journal: LabelJournal | None = None
         for name in ("label", "prediction"):
             self._register_classes(adata.obs[name].dropna().unique(), emit=False)
 
@@ -329,6 +333,11 @@ class CellTable:
         origin : str
             Written to ``label_origin`` for labelled cells (``"user"``, ``"imported"``).
 
+        Notes
+        -----
+        When the table belongs to a project file (:attr:`journal` is set), the change is
+        appended to the label journal and fsynced before it is applied.
+
         Returns
         -------
         pandas.Series
@@ -343,6 +352,9 @@ class CellTable:
                 raise ValueError(f"got {len(values)} labels for {len(ids)} cells")
         values = [_clean_label(v) for v in values]
         pos = self.positions(ids)
+        if self.journal is not None:
+            # on disk before the change exists anywhere else: an acknowledged label survives
+            self.journal.append(ids, values, origin=origin)
         obs = self.obs
         previous = obs["label"].iloc[pos].astype(object).copy()
         previous.index = pd.Index(ids, name="cell_id")

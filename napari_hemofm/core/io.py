@@ -366,7 +366,9 @@ def save_project(table: CellTable, path: str | Path) -> Path:
     """Write a cell table to an ``.h5ad`` project file.
 
     The file is written to a temporary name beside ``path`` and then renamed over it,
-    so a crash while saving leaves the previous project intact.
+    so a crash while saving leaves the previous project intact. Afterwards the table
+    keeps its label journal beside the file (``<name>.labels.jsonl``, emptied now that
+    the file holds every label): later label changes are appended there.
 
     Parameters
     ----------
@@ -400,11 +402,19 @@ def save_project(table: CellTable, path: str | Path) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    from napari_hemofm.core.journal import LabelJournal, journal_path
+
+    # the saved file now holds every label: start this project's journal empty
+    table.journal = LabelJournal(journal_path(path))
+    table.journal.clear()
     return path
 
 
 def load_project(path: str | Path) -> CellTable:
-    """Read a project file written by :func:`save_project`.
+    """Read a project file written by :func:`save_project`, replaying its label journal.
+
+    Label changes appended to ``<name>.labels.jsonl`` since the last save are applied,
+    and the table keeps appending to that journal.
 
     Parameters
     ----------
@@ -435,7 +445,13 @@ def load_project(path: str | Path) -> CellTable:
     missing = [c for c in REQUIRED_COLUMNS if c not in adata.obs.columns]
     if missing:
         raise ValueError(f"{path}: not a napari-hemofm project, obs lacks {missing}")
-    return CellTable(adata)
+    from napari_hemofm.core.journal import LabelJournal, journal_path
+
+    table = CellTable(adata)
+    journal = LabelJournal(journal_path(path))
+    journal.replay(table)  # label changes made after the last save
+    table.journal = journal
+    return table
 
 
 ProgressCallback = Callable[[int, int], None]

@@ -199,4 +199,4 @@ def test_save_replaces_the_file_atomically(tmp_path):
     table.set_labels(["lab/a.png#0"], "lymphocyte")
     table.save(path)
     assert CellTable.load(path).column("label").tolist()[0] == "lymphocyte"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5ad"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5ad", "p.labels.jsonl"]
