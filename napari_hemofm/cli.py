@@ -75,19 +75,24 @@ def _scan(args: argparse.Namespace):
     return scan
 
 
-def cmd_detect(args: argparse.Namespace) -> int:
-    """Detect WBCs in smears (and list crops) and write one CSV row per cell."""
+def _collect(scan, args: argparse.Namespace, desc: str):
+    """Find the scan's cells (detection for smears) with a progress bar."""
     from napari_hemofm.core.inputs import collect_cells
-    from napari_hemofm.core.io import format_skipped, write_csv
 
-    scan = _scan(args)
-    progress, close = _progress_bar("detect", "image")
+    progress, close = _progress_bar(desc, "image")
     try:
-        result = collect_cells(scan, pixel_size_um=args.pixel_size, progress=progress)
-    except ValueError as exc:
+        return collect_cells(scan, pixel_size_um=args.pixel_size, progress=progress)
+    except ValueError as exc:  # two inputs give the same cell id
         raise CommandError(str(exc)) from None
     finally:
         close()
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    """Detect WBCs in smears (and list crops) and write one CSV row per cell."""
+    from napari_hemofm.core.io import format_skipped, write_csv
+
+    result = _collect(_scan(args), args, "detect")
     if result.skipped:
         _warn(format_skipped(result.skipped))
     if result.n_sources == 0:
@@ -123,7 +128,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """Find the cells behind the inputs, embed them, and write a project file."""
     from napari_hemofm.core.cells import CellTable
     from napari_hemofm.core.embed import embed_table
-    from napari_hemofm.core.inputs import collect_cells
     from napari_hemofm.core.io import format_skipped
     from napari_hemofm.core.models import WeightsError, load_backbone
 
@@ -140,13 +144,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         )
     except (WeightsError, ValueError) as exc:
         raise CommandError(str(exc)) from None
-    progress, close = _progress_bar("find cells", "image")
-    try:
-        found = collect_cells(scan, pixel_size_um=args.pixel_size, progress=progress)
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
-    finally:
-        close()
+    found = _collect(scan, args, "find cells")
     if found.cells.empty:
         if found.skipped:
             _warn(format_skipped(found.skipped))

@@ -1086,6 +1086,10 @@ class EmbedWidget(QWidget):
     def _on_finished(self) -> None:
         self._worker = None
         self._job = None
+        self._end_work()
+
+    def _end_work(self, after: Callable[[], None] | None = None) -> None:
+        """Close the progress bars and give the controls back after a worker ended."""
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
@@ -1093,6 +1097,8 @@ class EmbedWidget(QWidget):
             self.progress_bar.setVisible(False)
             self.run_button.setEnabled(True)
             self.cancel_button.setEnabled(False)
+            if after is not None:
+                after()
         except RuntimeError:  # the panel was closed while the worker ran
             pass
 
@@ -1150,13 +1156,4 @@ class EmbedWidget(QWidget):
 
     def _on_download_finished(self) -> None:
         self._download_worker = None
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
-        try:
-            self.progress_bar.setVisible(False)
-            self.run_button.setEnabled(True)
-            self.cancel_button.setEnabled(False)
-            self._on_model_changed()
-        except RuntimeError:
-            pass
+        self._end_work(after=self._on_model_changed)

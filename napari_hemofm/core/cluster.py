@@ -120,12 +120,6 @@ def chunk_key(sources: Sequence[Source], job: EmbedJob) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(table: CellTable, path: Path) -> None:
-    from napari_hemofm.core.io import save_project
-
-    save_project(table, path)  # temporary name + fsync + rename
-
-
 def run_chunk(sources: Sequence[Source], job: EmbedJob, path: str) -> dict[str, Any]:
     """Find, embed and write the cells of one chunk (runs on a worker).
 
@@ -145,6 +139,7 @@ def run_chunk(sources: Sequence[Source], job: EmbedJob, path: str) -> dict[str, 
     from napari_hemofm.core.cells import CellTable
     from napari_hemofm.core.embed import embed_table
     from napari_hemofm.core.inputs import Scan, collect_cells
+    from napari_hemofm.core.io import save_project
 
     backbone = _worker_backbone(job)
     found = collect_cells(Scan(sources=list(sources)), pixel_size_um=job.pixel_size_um)
@@ -159,7 +154,7 @@ def run_chunk(sources: Sequence[Source], job: EmbedJob, path: str) -> dict[str, 
         skipped.extend(result.skipped)
         n_embedded = int(result.done.sum())
     table.update_meta(skipped=json.dumps(skipped))
-    _write_atomic(table, Path(path))
+    save_project(table, path)  # temporary name + fsync + rename: complete or absent
     return {
         "path": path,
         "n_cells": table.n_cells,
