@@ -481,6 +481,9 @@ class CellsLayerSync:
                     lambda *_, k=key: self._on_layer_selection(k)
                 )
                 points.events.data.connect(lambda event, k=key: self._on_points_edited(k, event))
+                from napari_hemofm._widgets._review_state import bind_review_keys
+
+                bind_review_keys(viewer, points)
                 if image not in self._linked:
                     # hiding an image hides its cells too
                     image.events.visible.connect(lambda event, k=key: self._on_image_visible(k))

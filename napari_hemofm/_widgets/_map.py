@@ -153,7 +153,9 @@ class CellMapWidget(QWidget):
     Mouse: wheel zooms, drag pans (with the pan tool, or the middle / right button with
     any tool), a click selects the nearest point, a drag with the rectangle or lasso tool
     selects what it encloses. Shift adds to the selection, Ctrl (Cmd) toggles, Escape
-    clears. Keys P / R / L pick the pan, rectangle and lasso tools.
+    clears. Keys P / R / L pick the pan, rectangle and lasso tools. Number keys label
+    the selected cells (1-9: the classes in order, 0: "Not classed"), Backspace clears
+    their label, Ctrl+Z / Ctrl+Shift+Z undo and redo (see :mod:`._review_state`).
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -240,6 +242,8 @@ class CellMapWidget(QWidget):
         self.canvas.selection_requested.connect(self._on_canvas_selection)
         self.canvas.clear_requested.connect(self.clear_selection)
         self.canvas.tool_changed.connect(self._on_tool_changed)
+        self.canvas.number_pressed.connect(self._on_number_key)
+        self.canvas.history_requested.connect(self._on_history_key)
 
         # hover preview: thumbnail + facts of the cell under the cursor
         self.preview_image = QLabel()
@@ -664,6 +668,32 @@ class CellMapWidget(QWidget):
 
     def _on_canvas_selection(self, rows: np.ndarray, mode: str) -> None:
         self._select(rows, mode)
+
+    def relabel_selection(self, label: str | None) -> list[str]:
+        """Give the selected cells ``label`` (None clears it) through the viewer's review.
+
+        The probe retrains in the background and every view updates. Returns the ids
+        whose label changed.
+        """
+        from napari_hemofm._widgets._review_state import get_review
+
+        rows = self.session.selected
+        return get_review(self.viewer).relabel(rows, label) if len(rows) else []
+
+    def _on_number_key(self, key: int) -> None:
+        from napari_hemofm._widgets._review_state import get_retrainer
+
+        state = get_retrainer(self.viewer)
+        if key < 0:
+            state.clear_selection_labels()
+        else:
+            state.relabel_selection_key(key)
+
+    def _on_history_key(self, redo: bool) -> None:
+        from napari_hemofm._widgets._review_state import get_review
+
+        review = get_review(self.viewer)
+        review.redo() if redo else review.undo()
 
     def _on_strip_clicked(self, row: int) -> None:
         self.session.select([row], origin="strip")

@@ -141,6 +141,10 @@ class ScatterCanvas(QWidget):
     hovered = Signal(int)
     selection_requested = Signal(object, str)
     clear_requested = Signal()
+    number_pressed = Signal(int)
+    """A number key 0-9 (label the selection), or -1 for Backspace / Delete (clear it)."""
+    history_requested = Signal(bool)
+    """Ctrl+Z (False: undo) or Ctrl+Shift+Z (True: redo)."""
     view_changed = Signal()
     tool_changed = Signal(str)
 
@@ -667,9 +671,17 @@ class ScatterCanvas(QWidget):
         super().leaveEvent(event)
 
     def keyPressEvent(self, event) -> None:
-        """Escape clears the selection; P / R / L pick the tool."""
+        """Escape clears the selection; P / R / L pick the tool; 0-9, Backspace, Ctrl+Z label."""
         key = event.key()
-        if key == Qt.Key.Key_Escape:
+        mods = event.modifiers()
+        ctrl = bool(mods & Qt.KeyboardModifier.ControlModifier)
+        if Qt.Key.Key_0 <= key <= Qt.Key.Key_9 and not ctrl:
+            self.number_pressed.emit(int(key - Qt.Key.Key_0))
+        elif key in (Qt.Key.Key_Backspace, Qt.Key.Key_Delete):
+            self.number_pressed.emit(-1)
+        elif key == Qt.Key.Key_Z and ctrl:
+            self.history_requested.emit(bool(mods & Qt.KeyboardModifier.ShiftModifier))
+        elif key == Qt.Key.Key_Escape:
             self.clear_requested.emit()
         elif key == Qt.Key.Key_P:
             self.set_tool("pan")

@@ -16,8 +16,8 @@ from typing import Any
 from qtpy.QtCore import QThreadPool
 
 #: Threads of the private pool: one long map (UMAP) job, thumbnails for the strip and
-#: for the hover preview.
-MAX_THREADS = 3
+#: for the hover preview, the probe's retraining.
+MAX_THREADS = 4
 
 _pool: QThreadPool | None = None
 _running: set[Any] = set()  # keeps started workers alive until they finish

@@ -430,6 +430,54 @@ class CellTable:
             self._register_classes(obs[name].dropna().unique())
         self.events.columns_changed.emit((name,))
 
+    def set_predictions(
+        self,
+        rows: np.ndarray | None,
+        prediction: Sequence[Any] | np.ndarray,
+        confidence: Sequence[float] | np.ndarray,
+    ) -> None:
+        """Write the probe's ``prediction`` and ``confidence`` of some or all cells at once.
+
+        One ``columns_changed(("prediction", "confidence"))`` signal follows, so views
+        refresh once per retraining rather than once per column.
+
+        Parameters
+        ----------
+        rows : ndarray of int of shape (m,), or None
+            Row positions to write; ``None`` writes all ``n_cells`` rows.
+        prediction : array-like of shape (m,)
+            Class names (``None`` = no prediction).
+        confidence : array-like of shape (m,)
+            Probability of the prediction (NaN where none).
+        """
+        obs = self.obs
+        n = self.n_cells
+        pos = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+        pred = np.asarray(prediction, dtype=object)
+        conf = np.asarray(confidence, dtype=np.float32)
+        if pred.shape != pos.shape or conf.shape != pos.shape:
+            raise ValueError(
+                f"got {pred.shape[0]} predictions and {conf.shape[0]} confidences "
+                f"for {pos.shape[0]} rows"
+            )
+        names = [str(v) for v in pd.unique(pred[pd.notna(pred)])]
+        self._register_classes(names)
+        col = obs["prediction"]
+        if not isinstance(col.dtype, pd.CategoricalDtype):
+            col = pd.Categorical(col.astype(object))
+            col = pd.Series(col, index=obs.index)
+        cats = list(col.cat.categories)
+        cats += [c for c in names if c not in cats]
+        codes = col.cat.codes.to_numpy(copy=True)
+        lookup = {c: i for i, c in enumerate(cats)}
+        codes[pos] = [lookup[str(v)] if v is not None and pd.notna(v) else -1 for v in pred]
+        obs["prediction"] = pd.Categorical.from_codes(codes, categories=cats)
+        old = pd.to_numeric(obs["confidence"], errors="coerce").to_numpy(dtype=np.float64)
+        old = old.copy()
+        old[pos] = conf
+        obs["confidence"] = old
+        self.events.columns_changed.emit(("prediction", "confidence"))
+
     def set_obsm(self, key: str, values: np.ndarray) -> None:
         """Store a per-cell matrix (``obsm[key]``, e.g. embeddings or UMAP).
 
