@@ -478,12 +478,15 @@ class Review:
         if X is None:
             return lambda: None
         labels = self._labels_array()
-        if full or self.probe is None or len(self.probe.prediction) != X.shape[0]:
+        k = self.effective_k(labels)
+        probe = self.probe
+        if probe is not None and self._kind == "knn" and probe.k != k:
+            full = True  # only while few cells are labelled, when a full fit is cheap
+        if full or probe is None or len(probe.prediction) != X.shape[0]:
             snap = _Snapshot(True, X, labels, rows, [], X.shape[0])
         else:
             snap = _Snapshot(False, None, None, rows, labels[rows].tolist(), X.shape[0])
-        kind, metric, k = self._kind, self._metric, self._k
-        probe = self.probe
+        kind, metric = self._kind, self._metric
 
         def work() -> Any:
             from napari_hemofm.core.classify import LiveProbe
@@ -499,6 +502,23 @@ class Review:
             return (probe, probe.update(snap.rows, snap.new_labels))
 
         return work
+
+    def effective_k(self, labels: np.ndarray | None = None) -> int:
+        """Neighbours the kNN probe uses now: ``k``, or fewer while few cells are labelled.
+
+        With ``k = 20`` uniform votes and only a handful of labels per class, every cell's
+        neighbourhood would hold most of the labelled cells and the vote would follow
+        class sizes, not similarity. Until there are ``k`` labels per class on average
+        the probe uses ``max(1, n_labelled // n_classes)`` neighbours; from then on it is
+        DinoBloom's ``k``.
+        """
+        if labels is None:
+            labels = self._labels_array()
+        named = [v for v in labels if v is not None]
+        n_classes = len(set(named))
+        if n_classes == 0:
+            return self._k
+        return int(max(1, min(self._k, len(named) // n_classes)))
 
     def apply_result(self, result: Any) -> None:
         """Write a finished step's predictions into the table (main thread).
@@ -538,7 +558,7 @@ class Review:
         """Snapshot the labels and return the work computing 5-fold CV metrics (slow)."""
         X = self.table.embeddings
         labels = self._labels_array()
-        kind, metric, k = self._kind, self._metric, self._k
+        kind, metric, k = self._kind, self._metric, self.effective_k(labels)
 
         def work() -> dict[str, Any]:
             from napari_hemofm.core.classify import probe_metrics
@@ -661,7 +681,8 @@ class Review:
         from napari_hemofm.core.classify import suspect_labels
 
         X, labels = self._features()
-        found = suspect_labels(X, labels, n, kind=self._kind, k=self._k, metric=self._metric)
+        k = self.effective_k(labels)
+        found = suspect_labels(X, labels, n, kind=self._kind, k=k, metric=self._metric)
         return self.table.cell_ids[found["row"].to_numpy(dtype=np.int64)].tolist()
 
     def differential(self, by: GroupBy = "source") -> pd.DataFrame:
