@@ -152,6 +152,8 @@ class Review:
         self._pending: dict[int, None] = {}
         self._needs_full = True
         self._lock = threading.Lock()
+        # the probe is updated in a worker; readers on the main thread (label_next) wait
+        self._probe_lock = threading.Lock()
         self._applying = False
         table.events.labels_changed.connect(self._on_labels_changed)
         table.events.cells_added.connect(self._on_structure_changed)
@@ -300,10 +302,11 @@ class Review:
         step = _Step(classes_before=list(before), classes_after=list(after))
         if ids:
             step.changes.append(self._write(ids, [mapping[v] for v in label.loc[ids]], "user"))
+        # the probe follows the relabelled cells incrementally (a relabel only recounts
+        # kNN votes); until then the predictions carry the new names
         self._rename_predictions(mapping)
         self.table.set_classes(after)
         self._push(step)
-        self._needs_full = True
         self.events.settings_changed.emit()
 
     def _rename_predictions(self, mapping: dict[str, str]) -> None:
@@ -381,13 +384,12 @@ class Review:
         step = self._undo.pop()
         if step.classes_before is not None:
             # the old class names must exist before cells take them back
-            self._clear_predictions()
             self.table.set_classes(_union(step.classes_after, step.classes_before))
         for change in reversed(step.changes):
             self._restore(change)
         if step.classes_before is not None:
+            self._drop_predictions(step.classes_before)
             self.table.set_classes(step.classes_before)
-            self._needs_full = True
             self.events.settings_changed.emit()
         self._redo.append(step)
         self.events.history_changed.emit(self.can_undo, self.can_redo)
@@ -399,17 +401,27 @@ class Review:
             return False
         step = self._redo.pop()
         if step.classes_after is not None:
-            self._clear_predictions()
             self.table.set_classes(_union(step.classes_before, step.classes_after))
         for change in step.changes:
             self.table.set_labels(change.ids, change.after, origin=change.origin)
         if step.classes_after is not None:
+            self._drop_predictions(step.classes_after)
             self.table.set_classes(step.classes_after)
-            self._needs_full = True
             self.events.settings_changed.emit()
         self._undo.append(step)
         self.events.history_changed.emit(self.can_undo, self.can_redo)
         return True
+
+    def _drop_predictions(self, classes: Sequence[str]) -> None:
+        # predictions naming a class that is going away are blanked until the probe's
+        # next step, which re-predicts exactly those cells (their labelled neighbours
+        # changed class); the class list cannot drop a name still in use
+        pred = self.table.obs["prediction"].astype(object).to_numpy()
+        keep = set(classes)
+        hit = np.flatnonzero(np.array([p is not None and p == p and p not in keep for p in pred]))
+        if len(hit):
+            self.table.set_predictions(hit, [None] * len(hit), np.full(len(hit), np.nan))
+            self.events.predictions_changed.emit(hit.astype(np.int64))
 
     def _clear_predictions(self) -> None:
         # after an undone rename / merge the probe refits from scratch; until then the
@@ -487,6 +499,7 @@ class Review:
         else:
             snap = _Snapshot(False, None, None, rows, labels[rows].tolist(), X.shape[0])
         kind, metric = self._kind, self._metric
+        lock, model = self._probe_lock, self.table.meta.get("model")
 
         def work() -> Any:
             from napari_hemofm.core.classify import LiveProbe
@@ -496,10 +509,12 @@ class Review:
                 if len(named) < 2:
                     return _NoProbe(snap.n_cells)
                 new = LiveProbe(kind, k=k, metric=metric)
+                new.model = model
                 return (new, new.fit(snap.X, snap.labels))
             if len(snap.rows) == 0:
                 return (probe, None)
-            return (probe, probe.update(snap.rows, snap.new_labels))
+            with lock:
+                return (probe, probe.update(snap.rows, snap.new_labels))
 
         return work
 
@@ -666,7 +681,8 @@ class Review:
 
         X, labels = self._features()
         coords = self.table.adata.obsm.get("X_umap")
-        rows = label_next(self.probe, X, labels, n, seed=seed, coords=coords)
+        with self._probe_lock:
+            rows = label_next(self.probe, X, labels, n, seed=seed, coords=coords)
         return self.table.cell_ids[np.asarray(rows, dtype=np.int64)].tolist()
 
     def suspects(self, n: int = 20) -> list[str]:

@@ -103,3 +103,28 @@ def test_leave_one_batch_out_reports_each_held_out_batch():
     assert far["results"]["knn_k20"]["balanced_accuracy"] < 0.5
     with pytest.raises(ValueError, match=">= 2 batches"):
         evaluate_probe(X, y, split="batch", batches=["one"] * len(y))
+
+
+def test_live_knn_probe_matches_scikit_learn_oracle():
+    """LiveProbe('knn') votes like KNeighborsClassifier (k=20, uniform, Euclidean): on
+    unlabelled cells from all labelled cells, on labelled cells leave-one-out."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from napari_hemofm.core.classify import LiveProbe
+
+    X, y = blobs(n_per_class=60, n_classes=3, spread=2.5, seed=4)
+    labels = y.copy()
+    rng = np.random.default_rng(4)
+    unl = rng.choice(len(y), 80, replace=False)
+    labels[unl] = None
+    lab = np.setdiff1d(np.arange(len(y)), unl)
+    probe = LiveProbe("knn", k=20)
+    probe.fit(X, labels)
+    oracle = KNeighborsClassifier(n_neighbors=20).fit(X[lab], labels[lab].astype(str))
+    np.testing.assert_allclose(probe.proba[unl], oracle.predict_proba(X[unl]), atol=1e-6)
+    assert list(oracle.classes_) == probe.classes_
+    for i in lab[:15]:
+        others = lab[lab != i]
+        loo = KNeighborsClassifier(n_neighbors=20).fit(X[others], labels[others].astype(str))
+        np.testing.assert_allclose(probe.proba[i], loo.predict_proba(X[i : i + 1])[0], atol=1e-6)
+        assert probe.prediction[i] == loo.predict(X[i : i + 1])[0]
