@@ -588,6 +588,7 @@ class Review:
                 }
             out = probe_metrics(X[keep], labels[keep], kind=kind, k=k, metric=metric)
             out.setdefault("probe", kind)
+            out.setdefault("k", k)
             return out
 
         return work

@@ -31,7 +31,8 @@ def viewer_with_cells(make_napari_viewer, qtbot):
     session.set_table(make_table())
     state = get_retrainer(viewer)
     state.wait_idle(qtbot)
-    return viewer, session, state
+    yield viewer, session, state
+    state.wait_idle(qtbot)  # no retraining outlives the viewer
 
 
 def test_number_key_on_a_cells_layer_relabels_the_selected_cells_and_undo_restores(

@@ -1,0 +1,1268 @@
+"""The "Review" dock widget: a CellaVision-style gallery to check and correct cell labels.
+
+Top to bottom: the class bar (one button per class in hotkey order, "Not classed",
+"Clear label", "+ class" and a menu to rename / merge classes), the review tools (undo,
+redo, the "Label next" and "Suspect labels" queues, sort order, the "Unidentified"
+threshold, the probe, thumbnail zoom), the probe's metrics, the gallery
+(:mod:`._gallery`: one section per class, then Unidentified, Unlabelled and Not
+classed) and the differential count of one smear or batch with its sign-off.
+
+What it may touch: it calls the viewer's :class:`~napari_hemofm.core.review.Review`
+(``relabel``, ``undo``, classes, threshold, queues, counts, sign-off) and changes the
+shared selection with ``origin="gallery"``. It never retrains: the viewer's
+:class:`~._review_state.Retrainer` does that in a worker, and this widget follows
+``predictions_changed`` / ``metrics_changed`` / ``history_changed`` and the table's
+``labels_changed``, moving only the cells that changed section. Long reads (the
+queues) run in workers; Qt is touched on the main thread only.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from qtpy.QtCore import QMimeData, QPoint, QRect, QSize, Qt, QTimer
+from qtpy.QtGui import QColor, QIcon, QPixmap
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QDoubleSpinBox,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QInputDialog,
+    QLabel,
+    QLayout,
+    QMenu,
+    QProgressBar,
+    QPushButton,
+    QSlider,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+    QWidgetItem,
+)
+
+from napari_hemofm._widgets._colors import MISSING_COLOR, class_hex
+from napari_hemofm._widgets._gallery import (
+    DEFAULT_ICON_SIZE,
+    HIRES_SIZE,
+    MAX_ICON_SIZE,
+    MIN_ICON_SIZE,
+    NO_DROP,
+    Gallery,
+    SectionSpec,
+    decode_cells,
+)
+from napari_hemofm._widgets._map import (
+    _bridge_if_needed,
+    _disconnect_all,
+    _disconnect_groups,
+    _MainThreadBridge,
+)
+from napari_hemofm._widgets._session import get_session
+from napari_hemofm._widgets._workers import Lifeline, start_worker
+from napari_hemofm.core.review import NOT_CLASSED, UNIDENTIFIED, UNLABELLED
+
+if TYPE_CHECKING:
+    import napari
+
+    from napari_hemofm.core.cells import CellTable
+    from napari_hemofm.core.review import Review
+    from napari_hemofm.core.session import CellSession
+    from napari_hemofm.core.thumbnails import ThumbnailCache
+
+#: ``origin`` of selections made in the gallery.
+GALLERY_ORIGIN = "gallery"
+#: Cells in a "Label next" / "Suspect labels" queue.
+QUEUE_SIZE = 20
+#: Targets offered for a differential count.
+TARGETS = (100, 200)
+#: Sort orders of the gallery: (combo text, Gallery sort mode).
+SORTS = (("Least sure first", "confidence"), ("Map position", "map"))
+#: Probes: (combo text, Review.probe_kind).
+PROBES = (("kNN (k=20)", "knn"), ("Linear", "linear"))
+#: Delay before the differential count is recomputed after a change (ms).
+COUNT_DELAY_MS = 300
+#: Above this many smears, the differential starts grouped by batch (crop folders).
+MAX_SOURCE_GROUPS = 50
+#: Column groups of the differential table (class, n, %) side by side.
+COUNT_GROUPS = 2
+#: Colour of the "Not classed" section before the class is in use.
+NOT_CLASSED_COLOR = "#5a5a5a"
+
+
+# ------------------------------------------------------------------ helpers
+class FlowLayout(QLayout):
+    """Lays widgets out left to right, wrapping to the next line (Qt's flow-layout example).
+
+    Qt has no flow layout of its own; the class bar needs one so that eight or more
+    class buttons fit a narrow dock.
+    """
+
+    def __init__(self, parent: QWidget | None = None, spacing: int = 4) -> None:
+        super().__init__(parent)
+        self._items: list[Any] = []
+        self.setSpacing(spacing)
+        self.setContentsMargins(0, 0, 0, 0)
+
+    def addItem(self, item: Any) -> None:
+        """Append an item."""
+        self._items.append(item)
+
+    def addWidget(self, widget: QWidget) -> None:
+        """Append a widget."""
+        self.addChildWidget(widget)
+        self.addItem(QWidgetItem(widget))
+
+    def count(self) -> int:
+        """Number of items."""
+        return len(self._items)
+
+    def itemAt(self, index: int) -> Any:
+        """Item ``index`` or None."""
+        return self._items[index] if 0 <= index < len(self._items) else None
+
+    def takeAt(self, index: int) -> Any:
+        """Remove and return item ``index``."""
+        return self._items.pop(index) if 0 <= index < len(self._items) else None
+
+    def expandingDirections(self) -> Qt.Orientation:
+        """It does not grow."""
+        return Qt.Orientation(0)
+
+    def hasHeightForWidth(self) -> bool:
+        """Its height depends on its width."""
+        return True
+
+    def heightForWidth(self, width: int) -> int:
+        """Height needed at ``width``."""
+        return self._do_layout(QRect(0, 0, width, 0), move=False)
+
+    def setGeometry(self, rect: QRect) -> None:
+        """Place the items."""
+        super().setGeometry(rect)
+        self._do_layout(rect, move=True)
+
+    def sizeHint(self) -> QSize:
+        """The minimum size."""
+        return self.minimumSize()
+
+    def minimumSize(self) -> QSize:
+        """The largest item."""
+        size = QSize()
+        for item in self._items:
+            size = size.expandedTo(item.minimumSize())
+        return size
+
+    def _do_layout(self, rect: QRect, *, move: bool) -> int:
+        x, y, line = rect.x(), rect.y(), 0
+        gap = self.spacing()
+        for item in self._items:
+            if item.widget() is not None and item.widget().isHidden():
+                continue
+            hint = item.sizeHint()
+            if x + hint.width() > rect.right() + 1 and line > 0:
+                x, y, line = rect.x(), y + line + gap, 0
+            if move:
+                item.setGeometry(QRect(QPoint(x, y), hint))
+            x += hint.width() + gap
+            line = max(line, hint.height())
+        return y + line - rect.y()
+
+
+class ClassButton(QPushButton):
+    """A class-bar button: click labels the selection; cells can be dropped on it."""
+
+    def __init__(self, text: str, label: str | None, widget: ReviewWidget) -> None:
+        super().__init__(text)
+        self.label = label
+        self._widget = widget
+        self.setAcceptDrops(True)
+        self.setFocusPolicy(Qt.FocusPolicy.NoFocus)  # keys stay with the gallery
+
+    def dragEnterEvent(self, event: Any) -> None:
+        """Accept dragged cells."""
+        if decode_cells(event.mimeData()) is not None:
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dropEvent(self, event: Any) -> None:
+        """Label the dropped cells with this button's class."""
+        ids = decode_cells(event.mimeData())
+        if ids is None:
+            event.ignore()
+            return
+        self._widget.relabel(ids, self.label)
+        event.acceptProposedAction()
+
+
+def _swatch_icon(color: str, size: int = 12) -> QIcon:
+    pix = QPixmap(size, size)
+    pix.fill(QColor(color))
+    return QIcon(pix)
+
+
+def format_metrics(metrics: dict[str, Any] | None, k: int | None = None) -> str:
+    """One line for the probe's cross-validated metrics (see ``Review.compute_metrics``).
+
+    Parameters
+    ----------
+    metrics : dict or None
+        From :func:`~napari_hemofm.core.classify.probe_metrics` plus ``probe``.
+    k : int, optional
+        Neighbours of the kNN probe (shown as ``k=20``).
+
+    Examples
+    --------
+    >>> format_metrics({"probe": "knn", "n_folds": 5, "balanced_accuracy": 0.912,
+    ...                 "n_labelled": 140, "note": ""}, k=20)
+    'kNN k=20 · 5-fold CV bal. acc 0.91 · 140 labelled'
+    """
+    if not metrics:
+        return "Probe: no metrics yet (label cells of two classes)"
+    kind = metrics.get("probe") or metrics.get("kind") or "knn"
+    k = metrics.get("k", k)
+    parts = [(f"kNN k={k}" if k else "kNN") if kind == "knn" else "Linear"]
+    bal = metrics.get("balanced_accuracy")
+    has_score = bal is not None and np.isfinite(float(bal))
+    if has_score:
+        folds = metrics.get("n_folds", metrics.get("n_splits", 5))
+        parts.append(f"{folds}-fold CV bal. acc {float(bal):.2f}")
+    n = metrics.get("n_labelled")
+    if n is None and isinstance(metrics.get("counts"), dict):
+        n = sum(int(v) for v in metrics["counts"].values())
+    if n is not None:
+        parts.append(f"{int(n):,} labelled")
+    note = str(metrics.get("note") or "")
+    if note and not has_score:
+        parts.append(note)
+    return " · ".join(parts)
+
+
+# ------------------------------------------------------------ the review state
+def _review_state(viewer: napari.viewer.Viewer) -> tuple[Review, Any]:
+    """The viewer's Review and Retrainer (see :mod:`._review_state`)."""
+    from napari_hemofm._widgets._review_state import get_retrainer
+
+    retrainer = get_retrainer(viewer)
+    return retrainer.review, retrainer
+
+
+# ------------------------------------------------------------------- the widget
+class ReviewWidget(QWidget):
+    """Review and correct cell labels in a gallery of thumbnails.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+        The viewer whose session (table, selection, thumbnails) and review to show.
+
+    Attributes
+    ----------
+    gallery : Gallery
+        The sections of thumbnails.
+    class_buttons : dict of str to QPushButton
+        The class bar: class name (and ``"Not classed"``) to its button; the
+        "Clear label" button is under the key ``""``.
+    undo_button, redo_button, next_button, suspects_button : QPushButton
+    sort_combo, probe_combo, group_by_combo, group_combo, target_combo : QComboBox
+    threshold_spin : QDoubleSpinBox
+    zoom_slider : QSlider
+    metrics_label, status : QLabel
+    busy_bar : QProgressBar
+        Shown (indeterminate) while the probe retrains.
+    count_table : QTableWidget
+        Class, count and percent of the chosen group.
+    count_progress : QProgressBar
+    signoff_button : QPushButton
+
+    Notes
+    -----
+    Keys (with the gallery focused): 1-9 label the selected cells with the class of
+    that number, 0 marks them "Not classed", Delete / Backspace clears their label,
+    Ctrl+Z undoes, Ctrl+Shift+Z (or Ctrl+Y) redoes. Click, Shift+click, Ctrl+click and
+    a rubber band select; Ctrl+wheel zooms; dragging selected cells onto a section
+    header or a class button relabels them.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = viewer
+        self.session: CellSession = get_session(viewer)
+        self.review, self.retrainer = _review_state(viewer)
+        self._table: CellTable | None = None
+        self._slots: dict[str, list[tuple[Any, Callable]]] = {
+            "session": [],
+            "table": [],
+            "review": [],
+            "retrainer": [],
+        }
+        self._bridge = _MainThreadBridge(self)
+        self._lifeline = Lifeline(self)
+        self._hires: ThumbnailCache | None = None
+        self._settings_seen: tuple[float, tuple[str, ...]] | None = None
+        self._queue_worker = None
+        self._all_predictions_dirty = False
+        self._busy = False
+
+        self._build_ui()
+
+        self._rebuild_timer = QTimer(self)
+        self._rebuild_timer.setSingleShot(True)
+        self._rebuild_timer.setInterval(0)
+        self._rebuild_timer.timeout.connect(self.rebuild)
+        self._count_timer = QTimer(self)
+        self._count_timer.setSingleShot(True)
+        self._count_timer.setInterval(COUNT_DELAY_MS)
+        self._count_timer.timeout.connect(self.refresh_counts)
+
+        ev = self.session.events
+        self._slots["session"] = [
+            (ev.selection_changed, self._on_selection_changed),
+            (ev.table_replaced, self._on_table_replaced),
+        ]
+        if self.retrainer is not None:
+            self._slots["retrainer"] = [
+                (self.retrainer.busy_changed, self._on_busy_changed),
+                (self.retrainer.review_replaced, self._on_review_replaced),
+            ]
+        for group in ("session", "retrainer"):
+            for signal, slot in self._slots[group]:
+                signal.connect(slot)
+        self.destroyed.connect(functools.partial(_disconnect_groups, self._slots))
+        self._attach(self.review)
+        if self.retrainer is not None:
+            self._on_busy_changed(self.retrainer.busy)
+
+    # ----------------------------------------------------------------- UI
+    def _build_ui(self) -> None:
+        self.class_buttons: dict[str, QPushButton] = {}
+        self._class_bar = QWidget()
+        self._class_flow = FlowLayout(self._class_bar)
+
+        self.undo_button = QPushButton("↶ Undo")
+        self.undo_button.setToolTip("Undo the last label change (Ctrl+Z)")
+        self.undo_button.clicked.connect(self.undo)
+        self.redo_button = QPushButton("↷ Redo")
+        self.redo_button.setToolTip("Redo (Ctrl+Shift+Z)")
+        self.redo_button.clicked.connect(self.redo)
+        self.next_button = QPushButton("Label next")
+        self.next_button.setToolTip(
+            f"Show {QUEUE_SIZE} unlabelled cells the probe is least sure of, spread over "
+            "the map, as a queue at the top"
+        )
+        self.next_button.clicked.connect(lambda: self.show_queue("next"))
+        self.suspects_button = QPushButton("Suspect labels")
+        self.suspects_button.setToolTip(
+            f"Show {QUEUE_SIZE} labelled cells whose label the cross-validated probe "
+            "disagrees with (possible mistakes) as a queue at the top"
+        )
+        self.suspects_button.clicked.connect(lambda: self.show_queue("suspects"))
+        for button in (
+            self.undo_button,
+            self.redo_button,
+            self.next_button,
+            self.suspects_button,
+        ):
+            button.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        tools = QHBoxLayout()
+        tools.setSpacing(4)
+        for button in (self.undo_button, self.redo_button):
+            tools.addWidget(button)
+        tools.addSpacing(8)
+        tools.addWidget(self.next_button)
+        tools.addWidget(self.suspects_button)
+        tools.addStretch(1)
+
+        self.sort_combo = QComboBox()
+        for text, mode in SORTS:
+            self.sort_combo.addItem(text, mode)
+        self.sort_combo.setToolTip(
+            "Order within a section: the probe's confidence (least sure first), or "
+            "position on the cell map (similar cells side by side)"
+        )
+        self.sort_combo.currentIndexChanged.connect(self._on_sort_changed)
+        self.threshold_spin = QDoubleSpinBox()
+        self.threshold_spin.setRange(0.0, 1.0)
+        self.threshold_spin.setSingleStep(0.05)
+        self.threshold_spin.setDecimals(2)
+        self.threshold_spin.setToolTip(
+            "Unlabelled cells predicted with a confidence below this go to 'Unidentified'"
+        )
+        self.threshold_spin.valueChanged.connect(self._on_threshold_changed)
+        self.probe_combo = QComboBox()
+        for text, kind in PROBES:
+            self.probe_combo.addItem(text, kind)
+        self.probe_combo.setToolTip("The probe that predicts unlabelled cells")
+        self.probe_combo.currentIndexChanged.connect(self._on_probe_changed)
+        self.zoom_slider = QSlider(Qt.Orientation.Horizontal)
+        self.zoom_slider.setRange(MIN_ICON_SIZE, MAX_ICON_SIZE)
+        self.zoom_slider.setSingleStep(8)
+        self.zoom_slider.setPageStep(32)
+        self.zoom_slider.setValue(DEFAULT_ICON_SIZE)
+        self.zoom_slider.setToolTip("Thumbnail size (Ctrl+wheel over the gallery)")
+        self.zoom_slider.setMinimumWidth(80)
+        self.zoom_slider.valueChanged.connect(self.set_zoom)
+        settings = QHBoxLayout()
+        settings.setSpacing(4)
+        settings.addWidget(QLabel("Sort"))
+        settings.addWidget(self.sort_combo)
+        settings.addWidget(QLabel("Unidentified <"))
+        settings.addWidget(self.threshold_spin)
+        settings.addWidget(QLabel("Probe"))
+        settings.addWidget(self.probe_combo)
+        settings.addWidget(QLabel("Zoom"))
+        settings.addWidget(self.zoom_slider, 1)
+
+        self.metrics_label = QLabel(format_metrics(None))
+        self.metrics_label.setToolTip(
+            "Cross-validated accuracy of the probe on the labelled cells"
+        )
+        self.busy_bar = QProgressBar()
+        self.busy_bar.setRange(0, 0)
+        self.busy_bar.setFixedSize(70, 10)
+        self.busy_bar.setTextVisible(False)
+        self.busy_bar.setToolTip("Retraining the probe...")
+        self.busy_bar.hide()
+        metrics = QHBoxLayout()
+        metrics.addWidget(self.metrics_label, 1)
+        metrics.addWidget(self.busy_bar)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setStyleSheet("color: #a0a4ab;")
+
+        self.gallery = Gallery(lambda: self.session.thumbnails, self._hires_cache)
+        self.gallery.selection_edited.connect(self._on_gallery_selection)
+        self.gallery.key_action.connect(self._on_key_action)
+        self.gallery.cells_dropped.connect(self._on_cells_dropped)
+        self.gallery.zoom_requested.connect(self.zoom_slider.setValue)
+        self.gallery.set_icon_size(DEFAULT_ICON_SIZE)
+
+        splitter = QSplitter(Qt.Orientation.Vertical)
+        splitter.addWidget(self.gallery)
+        splitter.addWidget(self._build_counts())
+        splitter.setStretchFactor(0, 4)
+        splitter.setStretchFactor(1, 1)
+        splitter.setChildrenCollapsible(True)
+        self.splitter = splitter
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.setSpacing(4)
+        layout.addWidget(self._class_bar)
+        layout.addLayout(tools)
+        layout.addLayout(settings)
+        layout.addLayout(metrics)
+        layout.addWidget(self.status)
+        layout.addWidget(splitter, 1)
+
+    def _build_counts(self) -> QWidget:
+        box = QGroupBox("Differential count")
+        self.group_by_combo = QComboBox()
+        self.group_by_combo.addItem("per smear", "source")
+        self.group_by_combo.addItem("per batch", "batch")
+        self.group_by_combo.currentIndexChanged.connect(lambda _i: self.refresh_counts())
+        self.group_combo = QComboBox()
+        self.group_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
+        self.group_combo.setMinimumContentsLength(12)
+        self.group_combo.currentIndexChanged.connect(lambda _i: self._show_group())
+        self.target_combo = QComboBox()
+        for t in TARGETS:
+            self.target_combo.addItem(f"target {t}", t)
+        self.target_combo.currentIndexChanged.connect(lambda _i: self.refresh_counts())
+        top = QHBoxLayout()
+        top.addWidget(self.group_by_combo)
+        top.addWidget(self.group_combo, 1)
+        top.addWidget(self.target_combo)
+
+        # two (class, count, %) column groups side by side: ten classes fit in five rows
+        self.count_table = QTableWidget(0, 3 * COUNT_GROUPS)
+        self.count_table.setHorizontalHeaderLabels(["Class", "n", "%"] * COUNT_GROUPS)
+        self.count_table.verticalHeader().hide()
+        self.count_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.count_table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        self.count_table.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.count_table.setShowGrid(False)
+        self.count_table.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        header = self.count_table.horizontalHeader()
+        for g in range(COUNT_GROUPS):
+            header.setSectionResizeMode(3 * g, QHeaderView.ResizeMode.Stretch)
+            header.setSectionResizeMode(3 * g + 1, QHeaderView.ResizeMode.ResizeToContents)
+            header.setSectionResizeMode(3 * g + 2, QHeaderView.ResizeMode.ResizeToContents)
+        self.count_table.verticalHeader().setDefaultSectionSize(20)
+        self.count_progress = QProgressBar()
+        self.count_progress.setFormat("%v / %m cells counted")
+        self.count_progress.setRange(0, TARGETS[0])
+        self.signoff_label = QLabel("")
+        self.signoff_label.setWordWrap(True)
+        self.signoff_button = QPushButton("Sign off")
+        self.signoff_button.setToolTip(
+            "Record that you checked this differential (needs no Unidentified cell left)"
+        )
+        self.signoff_button.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.signoff_button.clicked.connect(lambda: self.sign_off())
+        bottom = QHBoxLayout()
+        bottom.addWidget(self.signoff_label, 1)
+        bottom.addWidget(self.signoff_button)
+
+        layout = QVBoxLayout(box)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addLayout(top)
+        layout.addWidget(self.count_table)
+        layout.addWidget(self.count_progress)
+        layout.addStretch(1)
+        layout.addLayout(bottom)
+        self._counts: pd.DataFrame | None = None
+        self._summary: pd.DataFrame | None = None
+        return box
+
+    def _hires_cache(self) -> ThumbnailCache:
+        """Thumbnails cut at :data:`HIRES_SIZE` px for zoomed-in views (made on first use)."""
+        if self._hires is None:
+            from napari_hemofm.core.thumbnails import ThumbnailCache
+
+            self._hires = ThumbnailCache(
+                lambda: self.session.table.obs,
+                size=HIRES_SIZE,
+                budget_bytes=192 * 2**20,
+                source_budget_bytes=256 * 2**20,
+            )
+            self._hires.images = self.session.images  # one dict: layers added later are seen
+        return self._hires
+
+    def _rebuild_class_bar(self) -> None:
+        for button in self.class_buttons.values():
+            self._class_flow.removeWidget(button)
+            button.deleteLater()
+        while self._class_flow.count():
+            item = self._class_flow.takeAt(0)
+            if item.widget() is not None:
+                item.widget().deleteLater()
+        self.class_buttons = {}
+        review = self.review
+        for i, name in enumerate(review.classes):
+            key = f"{i + 1} " if i < 9 else ""
+            button = ClassButton(f"{key}{name}", name, self)
+            button.setIcon(_swatch_icon(self._class_color(name)))
+            shortcut = f" (key {i + 1})" if i < 9 else ""
+            button.setToolTip(
+                f"Label the selected cells {name}{shortcut}; or drop cells here. "
+                "Right-click to rename or merge."
+            )
+            button.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+            button.customContextMenuRequested.connect(
+                lambda _pos, n=name, b=button: self._class_menu(n, b)
+            )
+            button.clicked.connect(lambda _c=False, n=name: self.relabel_selected(n))
+            self._class_flow.addWidget(button)
+            self.class_buttons[name] = button
+        nc = ClassButton(f"0 {NOT_CLASSED}", NOT_CLASSED, self)
+        nc.setIcon(_swatch_icon(self._class_color(NOT_CLASSED)))
+        nc.setToolTip("Artefact, smudge cell, not a WBC: kept out of the counts (key 0)")
+        nc.clicked.connect(lambda: self.relabel_selected(NOT_CLASSED))
+        self._class_flow.addWidget(nc)
+        self.class_buttons[NOT_CLASSED] = nc
+        clear = ClassButton("⌫ Clear label", None, self)
+        clear.setToolTip("Remove the curated label of the selected cells (Delete / Backspace)")
+        clear.clicked.connect(lambda: self.relabel_selected(None))
+        self._class_flow.addWidget(clear)
+        self.class_buttons[""] = clear
+        add = QToolButton()
+        add.setText("+ class")
+        add.setToolTip("Add a class (it gets the next number key)")
+        add.clicked.connect(self._ask_add_class)
+        add.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self._class_flow.addWidget(add)
+        more = QToolButton()
+        more.setText("Rename / merge ▾")
+        more.setStyleSheet("QToolButton::menu-indicator { image: none; width: 0px; }")
+        more.setToolTip("Rename a class, or merge classes (also: right-click a class button)")
+        more.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        menu = QMenu(more)
+        menu.addAction("Rename class...", self._ask_rename_class)
+        menu.addAction("Merge classes...", self._ask_merge_classes)
+        more.setMenu(menu)
+        more.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self._class_flow.addWidget(more)
+        self._class_bar.updateGeometry()
+
+    def _class_menu(self, name: str, button: QWidget) -> None:
+        menu = QMenu(self)
+        menu.addAction(f"Rename {name}...", lambda: self._ask_rename_class(name))
+        merge = menu.addMenu(f"Merge {name} into")
+        for other in self.review.classes:
+            if other != name:
+                merge.addAction(other, lambda o=other: self._merge_checked([name], o))
+        menu.exec(button.mapToGlobal(QPoint(0, button.height())))
+
+    # --------------------------------------------------------------- public
+    @property
+    def table(self) -> CellTable:
+        """The review's cell table."""
+        return self.review.table
+
+    @property
+    def busy(self) -> bool:
+        """True while the probe retrains, a queue is computed or thumbnails load."""
+        retraining = self.retrainer is not None and self.retrainer.busy
+        return retraining or self._queue_worker is not None or self.gallery.loading
+
+    def relabel_selected(self, label: str | None) -> list[str]:
+        """Give the selected cells ``label`` (None clears it). One undo step.
+
+        Returns the ids of the cells whose label changed.
+        """
+        rows = self.session.selected
+        if len(rows) == 0:
+            self._say("Select cells first (click, Shift / Ctrl+click or drag a box).")
+            return []
+        return self.relabel(rows, label)
+
+    def relabel(self, cells: Sequence[str] | np.ndarray, label: str | None) -> list[str]:
+        """Give cells (ids or rows) ``label`` through the review. One undo step."""
+        try:
+            changed = self.review.relabel(cells, label)
+        except (ValueError, KeyError) as exc:
+            self._say(str(exc))
+            return []
+        what = "cleared" if label is None else f"→ {label}"
+        n = len(changed)
+        self._say(f"{n} cell{'s' if n != 1 else ''} {what} (Ctrl+Z undoes)" if n else "No change.")
+        return changed
+
+    def relabel_key(self, key: int) -> list[str]:
+        """What number key ``key`` does: label the selection with that key's class."""
+        label = self.review.class_for_key(int(key))
+        if label is None:
+            self._say(f"No class on key {key}: add one with '+ class'.")
+            return []
+        return self.relabel_selected(label)
+
+    def undo(self) -> bool:
+        """Undo the last label step."""
+        done = self.review.undo()
+        self._say("Undone." if done else "Nothing to undo.")
+        return done
+
+    def redo(self) -> bool:
+        """Redo the last undone step."""
+        done = self.review.redo()
+        self._say("Redone." if done else "Nothing to redo.")
+        return done
+
+    def add_class(self, name: str) -> None:
+        """Add a class (the next number key)."""
+        self.review.add_class(name)
+
+    def rename_class(self, old: str, new: str) -> None:
+        """Rename a class (its cells follow; one undo step)."""
+        self.review.rename_class(old, new)
+
+    def merge_classes(self, sources: Sequence[str], target: str) -> None:
+        """Merge classes into ``target`` (one undo step)."""
+        self.review.merge_classes(list(sources), target)
+
+    def drop_cells(self, mime: QMimeData, target: str) -> list[str]:
+        """Handle cells dropped on a section or class button named ``target``.
+
+        Parameters
+        ----------
+        mime : QMimeData
+            Made by :func:`~._gallery.encode_cells` (a drag from the gallery).
+        target : str
+            A section name (a class, ``"Not classed"``) or a class name; ``""`` is
+            the "Clear label" button.
+
+        Returns
+        -------
+        list of str
+            Ids of the cells whose label changed.
+        """
+        ids = decode_cells(mime)
+        if not ids:
+            return []
+        if target == "":
+            return self.relabel(ids, None)
+        if target in self.gallery.sections:
+            label = self.gallery.drop_label(target)
+            if label is NO_DROP:
+                self._say(f"Cells cannot be dropped on {target}.")
+                return []
+            return self.relabel(ids, label)
+        if target in self.review.classes or target == NOT_CLASSED:
+            return self.relabel(ids, target)
+        self._say(f"No class or section {target!r}.")
+        return []
+
+    def set_zoom(self, size: int) -> None:
+        """Show thumbnails at ``size`` px (64-256)."""
+        size = int(np.clip(size, MIN_ICON_SIZE, MAX_ICON_SIZE))
+        if self.zoom_slider.value() != size:
+            self.zoom_slider.setValue(size)  # -> set_zoom again
+            return
+        self.gallery.set_icon_size(size)
+
+    def set_sort(self, mode: str) -> None:
+        """Sort sections by ``"confidence"`` (least sure first) or ``"map"`` position."""
+        index = self.sort_combo.findData(mode)
+        if index < 0:
+            raise ValueError(f"sort must be one of {[m for _, m in SORTS]}; got {mode!r}")
+        if index == self.sort_combo.currentIndex():
+            self.gallery.set_sort(mode)
+        else:
+            self.sort_combo.setCurrentIndex(index)
+
+    def show_queue(self, which: str, n: int = QUEUE_SIZE) -> None:
+        """Compute a queue (``"next"`` or ``"suspects"``) in a worker and show it on top."""
+        if which not in ("next", "suspects"):
+            raise ValueError(f"queue must be 'next' or 'suspects'; got {which!r}")
+        if self._queue_worker is not None:
+            return
+        from napari.qt.threading import create_worker
+
+        review = self.review
+        fn = review.label_next if which == "next" else review.suspects
+        worker = create_worker(fn, int(n), _start_thread=False)
+        wrap = self._lifeline.wrap
+        worker.returned.connect(wrap(functools.partial(self._on_queue, review, which)))
+        worker.errored.connect(wrap(self._on_queue_error))
+        worker.finished.connect(wrap(functools.partial(self._on_queue_finished, worker)))
+        self._lifeline.track(worker)
+        self._queue_worker = worker
+        for button in (self.next_button, self.suspects_button):
+            button.setEnabled(False)
+        self._say("Computing the queue...")
+        start_worker(worker)
+
+    def set_queue(self, which: str, cell_ids: Sequence[str]) -> None:
+        """Show cells as the queue section at the top and select them."""
+        title = "Label next" if which == "next" else "Suspect labels"
+        rows = self.table.positions(list(cell_ids)) if len(cell_ids) else np.zeros(0, np.int64)
+        self.gallery.set_queue(f"Queue: {title}", rows)
+        self.session.select(rows, origin=GALLERY_ORIGIN)
+        self.gallery.set_selected(self.session.selected)
+        if which == "next":
+            self._say(
+                f"{len(rows)} cells to label next: select and press a number key."
+                if len(rows)
+                else "No unlabelled cell left to suggest."
+            )
+        else:
+            self._say(
+                f"{len(rows)} labels the probe disagrees with: check them."
+                if len(rows)
+                else "No suspect label found."
+            )
+
+    def _on_queue(self, review: Review, which: str, ids: Any) -> None:
+        if review is self.review:
+            self.set_queue(which, list(ids))
+
+    def _on_queue_error(self, exc: Exception) -> None:
+        self._say(f"No queue: {exc}" if str(exc) else f"No queue: {type(exc).__name__}")
+
+    def _on_queue_finished(self, worker: Any) -> None:
+        if worker is self._queue_worker:
+            self._queue_worker = None
+        for button in (self.next_button, self.suspects_button):
+            button.setEnabled(True)
+
+    # -------------------------------------------------------- differential
+    def refresh_counts(self) -> None:
+        """Recompute the differential counts and the sign-off state."""
+        self._count_timer.stop()
+        table = self.table
+        if table.n_cells == 0:
+            self._counts = self._summary = None
+            self.group_combo.clear()
+            self._show_group()
+            return
+        by = self.group_by_combo.currentData()
+        try:
+            self._counts = self.review.differential(by)
+            self._summary = self.review.differential_summary(by, target=self.target)
+        except (ValueError, KeyError) as exc:
+            self._counts = self._summary = None
+            self.signoff_label.setText(str(exc))
+            return
+        groups = [str(g) for g in self._summary.index]
+        current = self.group_combo.currentData()
+        if [self.group_combo.itemData(i) for i in range(self.group_combo.count())] != groups:
+            self.group_combo.blockSignals(True)
+            self.group_combo.clear()
+            for g in groups:
+                self.group_combo.addItem(_short(g), g)
+                self.group_combo.setItemData(
+                    self.group_combo.count() - 1, g, Qt.ItemDataRole.ToolTipRole
+                )
+            index = self.group_combo.findData(current)
+            self.group_combo.setCurrentIndex(max(index, 0))
+            self.group_combo.blockSignals(False)
+        self._show_group()
+
+    @property
+    def target(self) -> int:
+        """Cells to count per group (100 or 200)."""
+        return int(self.target_combo.currentData())
+
+    @property
+    def group(self) -> str | None:
+        """The group whose differential is shown."""
+        return self.group_combo.currentData()
+
+    def set_group(self, by: str, group: str | None = None) -> None:
+        """Show the differential of ``group`` (a source or a batch, per ``by``)."""
+        index = self.group_by_combo.findData(by)
+        if index < 0:
+            raise ValueError(f"by must be 'source' or 'batch'; got {by!r}")
+        self.group_by_combo.setCurrentIndex(index)
+        self.refresh_counts()
+        if group is not None:
+            g = self.group_combo.findData(group)
+            if g < 0:
+                raise KeyError(f"no {by} {group!r}")
+            self.group_combo.setCurrentIndex(g)
+
+    def counts_frame(self) -> pd.DataFrame:
+        """The shown group's count table: ``label``, ``count``, ``percent``."""
+        if self._counts is None or self.group is None:
+            return pd.DataFrame(columns=["label", "count", "percent"])
+        part = self._counts[self._counts["group"] == self.group]
+        return part[["label", "count", "percent"]].reset_index(drop=True)
+
+    def _show_group(self) -> None:
+        frame = self.counts_frame()
+        per_column = -(-len(frame) // COUNT_GROUPS) if len(frame) else 0
+        self.count_table.clearContents()
+        self.count_table.setRowCount(per_column)
+        right = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
+        for i, r in enumerate(frame.itertuples(index=False)):
+            row, col = i % per_column, 3 * (i // per_column)
+            name = QTableWidgetItem(str(r.label))
+            color = MISSING_COLOR if r.label == UNIDENTIFIED else self._class_color(str(r.label))
+            name.setIcon(_swatch_icon(color))
+            name.setToolTip(str(r.label))
+            count = QTableWidgetItem(f"{int(r.count):,}")
+            count.setTextAlignment(right)
+            pct = QTableWidgetItem(f"{float(r.percent):.1f}")
+            pct.setTextAlignment(right)
+            for j, item in enumerate((name, count, pct)):
+                self.count_table.setItem(row, col + j, item)
+        header_h = self.count_table.horizontalHeader().sizeHint().height()
+        self.count_table.setFixedHeight(header_h + 20 * max(per_column, 1) + 4)
+        summary = self._summary
+        group = self.group
+        if summary is None or group is None or group not in summary.index:
+            self.count_progress.setRange(0, self.target)
+            self.count_progress.setValue(0)
+            self.signoff_button.setEnabled(False)
+            self.signoff_label.setText("No cells counted yet.")
+            return
+        row = summary.loc[group]
+        counted = int(row["n_counted"])
+        self.count_progress.setRange(0, max(self.target, counted))
+        self.count_progress.setValue(counted)
+        unidentified = int(row["n_unidentified"])
+        can = bool(row["can_sign_off"])
+        self.signoff_button.setEnabled(can)
+        signed = str(row.get("signed_off_by", "") or "")
+        if signed:
+            when = _signoff_time(self.table, self.group_by_combo.currentData(), group)
+            text = f"Signed off by {signed}" + (f" at {when}" if when else "")
+        elif unidentified:
+            text = (
+                f"{unidentified} Unidentified cell{'s' if unidentified != 1 else ''}: label "
+                "them (or mark them Not classed) to sign off."
+            )
+        elif counted < self.target:
+            text = f"{self.target - counted} cells short of the target."
+        else:
+            text = "Ready to sign off."
+        self.signoff_label.setText(text)
+
+    def sign_off(self, user: str | None = None) -> dict[str, Any] | None:
+        """Sign off the shown group's differential (see ``Review.sign_off``)."""
+        group = self.group
+        if group is None:
+            return None
+        try:
+            record = self.review.sign_off(
+                group, self.group_by_combo.currentData(), user=user, target=self.target
+            )
+        except ValueError as exc:
+            self._say(str(exc))
+            self.refresh_counts()
+            return None
+        self._say(f"{_short(group)} signed off by {record['user']}.")
+        self.refresh_counts()
+        return record
+
+    # -------------------------------------------------------------- attach
+    def _attach(self, review: Review) -> None:
+        """Follow a review and its table (a new one when the session's table changes)."""
+        _disconnect_all(self._slots["table"])
+        _disconnect_all(self._slots["review"])
+        self.review = review
+        table = review.table
+        self._table = table
+        if self._hires is not None:
+            self._hires.clear()
+        tev = table.events
+        self._slots["table"] = [
+            (tev.labels_changed, self._on_labels_changed),
+            (tev.columns_changed, self._on_columns_changed),
+            (tev.classes_changed, self._on_classes_changed),
+            (tev.cells_added, self._on_cells_added),
+            (tev.embeddings_changed, self._on_embeddings_changed),
+        ]
+        rev = review.events
+        self._slots["review"] = [
+            (rev.history_changed, self._on_history_changed),
+            (rev.predictions_changed, self._on_predictions_changed),
+            (rev.metrics_changed, self._on_metrics_changed),
+            (rev.settings_changed, self._on_settings_changed),
+        ]
+        for group in ("table", "review"):
+            for signal, slot in self._slots[group]:
+                signal.connect(slot)
+        self.gallery.clear_queue()
+        self._on_history_changed(review.can_undo, review.can_redo)
+        self._on_metrics_changed(getattr(review, "last_metrics", None))
+        self._sync_controls()
+        n_sources = table.obs["source"].nunique() if table.n_cells else 0
+        by = "batch" if n_sources > MAX_SOURCE_GROUPS else "source"
+        self.group_by_combo.blockSignals(True)
+        self.group_by_combo.setCurrentIndex(self.group_by_combo.findData(by))
+        self.group_by_combo.blockSignals(False)
+        self.rebuild()
+
+    def _sync_controls(self) -> None:
+        review = self.review
+        for widget, value in (
+            (self.threshold_spin, review.threshold),
+            (self.probe_combo, self.probe_combo.findData(review.probe_kind)),
+        ):
+            widget.blockSignals(True)
+            if isinstance(widget, QDoubleSpinBox):
+                widget.setValue(float(value))
+            else:
+                widget.setCurrentIndex(max(int(value), 0))
+            widget.blockSignals(False)
+
+    def rebuild(self) -> None:
+        """Rebuild the class bar and every section from the review (not per click)."""
+        self._rebuild_timer.stop()
+        self._all_predictions_dirty = False
+        review = self.review
+        table = review.table
+        classes = tuple(review.classes)
+        self._settings_seen = (review.threshold, tuple(table.classes))
+        if getattr(self, "_bar_classes", None) != (classes, tuple(table.classes)):
+            self._rebuild_class_bar()
+            self._bar_classes = (classes, tuple(table.classes))
+        sections = review.sections() if table.n_cells else {}
+        names = list(sections) or [*classes, UNIDENTIFIED, UNLABELLED, NOT_CLASSED]
+        specs = self._section_specs(names)
+        self.gallery.set_content(table, table.classes, specs, sections, threshold=review.threshold)
+        self.gallery.set_selected(self.session.selected)
+        self._schedule_counts()
+
+    def _section_specs(self, names: Sequence[str]) -> list[SectionSpec]:
+        classes = self.review.classes
+        specs = []
+        for name in names:
+            if name == UNIDENTIFIED:
+                specs.append(
+                    SectionSpec(
+                        name,
+                        f"{UNIDENTIFIED}  (confidence < {self.review.threshold:.2f})",
+                        MISSING_COLOR,
+                        "unidentified",
+                        droppable=False,
+                    )
+                )
+            elif name == UNLABELLED:
+                specs.append(
+                    SectionSpec(
+                        name,
+                        f"{UNLABELLED}  (no prediction yet)",
+                        "#3a3d44",
+                        "unlabelled",
+                        droppable=False,
+                    )
+                )
+            elif name == NOT_CLASSED:
+                specs.append(
+                    SectionSpec(
+                        name,
+                        f"0 · {NOT_CLASSED}",
+                        self._class_color(name),
+                        "not_classed",
+                        drop_label=NOT_CLASSED,
+                    )
+                )
+            else:
+                i = classes.index(name) if name in classes else 99
+                title = f"{i + 1} · {name}" if i < 9 else name
+                specs.append(
+                    SectionSpec(name, title, self._class_color(name), "class", drop_label=name)
+                )
+        return specs
+
+    def _class_color(self, name: str) -> str:
+        classes = self.table.classes
+        if name in classes:
+            return class_hex(classes.index(name))
+        return NOT_CLASSED_COLOR if name == NOT_CLASSED else MISSING_COLOR
+
+    def _schedule_rebuild(self) -> None:
+        self._rebuild_timer.start()
+
+    def _schedule_counts(self) -> None:
+        self._count_timer.start()
+
+    # --------------------------------------------------------- table events
+    def _on_table_replaced(self, table: CellTable) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_table_replaced, table):
+            return
+        review, _ = _review_state(self.viewer)
+        if review is not self.review:
+            self._attach(review)
+
+    def _on_review_replaced(self, review: Review) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_review_replaced, review):
+            return
+        if review is not self.review:
+            self._attach(review)
+
+    def _on_labels_changed(self, cell_ids: Sequence[str], _labels: Sequence[Any]) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_labels_changed, cell_ids, _labels):
+            return
+        if self._rebuild_timer.isActive():
+            self.rebuild()  # one was due anyway (it reads these labels too)
+            return
+        rows = self.table.positions(list(cell_ids))
+        self._move(rows)
+        self._schedule_counts()
+
+    def _move(self, rows: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        if not self.gallery.move_rows(rows, self.review.section_of(rows)):
+            self._schedule_rebuild()
+
+    def _on_columns_changed(self, names: Sequence[str]) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_columns_changed, names):
+            return
+        if {"prediction", "confidence"} & set(names):
+            # Review.apply_result follows this with predictions_changed(rows), which moves
+            # only those rows; a write by anyone else is caught by this rebuild
+            self._all_predictions_dirty = True
+            self._schedule_rebuild()
+
+    def _on_predictions_changed(self, rows: np.ndarray) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_predictions_changed, rows):
+            return
+        rows = np.asarray(rows, np.int64)
+        n = self.table.n_cells
+        if self._all_predictions_dirty and self._rebuild_timer.isActive():
+            if len(rows) * 2 >= n:
+                return  # most cells changed: the scheduled rebuild does it in one go
+            self._rebuild_timer.stop()
+            self._all_predictions_dirty = False
+        self._move(rows)
+        self._schedule_counts()
+
+    def _on_classes_changed(self, _classes: Sequence[str]) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_classes_changed, _classes):
+            return
+        self._schedule_rebuild()
+
+    def _on_cells_added(self, _start: int, _stop: int) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_cells_added, _start, _stop):
+            return
+        self._schedule_rebuild()
+
+    def _on_embeddings_changed(self, key: str) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_embeddings_changed, key):
+            return
+        if key == "X_umap" and self.gallery.sort_mode == "map":
+            self.gallery.set_sort("map")
+
+    # -------------------------------------------------------- review events
+    def _on_history_changed(self, can_undo: bool, can_redo: bool) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_history_changed, can_undo, can_redo):
+            return
+        self.undo_button.setEnabled(bool(can_undo))
+        self.redo_button.setEnabled(bool(can_redo))
+
+    def _on_metrics_changed(self, metrics: Any) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_metrics_changed, metrics):
+            return
+        metrics = metrics if isinstance(metrics, dict) else None
+        probe = getattr(self.review, "probe", None)
+        k = getattr(probe, "k", None) or getattr(self.review, "_k", None)
+        self.metrics_label.setText(format_metrics(metrics, k=k))
+        note = str((metrics or {}).get("note") or "")
+        self.metrics_label.setToolTip(
+            "Cross-validated accuracy of the probe on the labelled cells"
+            + (f"\n{note}" if note else "")
+        )
+
+    def _on_settings_changed(self) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_settings_changed):
+            return
+        self._sync_controls()
+        seen = (self.review.threshold, tuple(self.table.classes))
+        if seen != self._settings_seen or self._rebuild_timer.isActive():
+            self.rebuild()  # threshold or classes: every section may change
+        else:
+            self._schedule_counts()
+
+    def _on_busy_changed(self, busy: bool) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_busy_changed, busy):
+            return
+        retraining = bool(getattr(self.retrainer, "retraining", busy))
+        self._busy = bool(busy)
+        self.busy_bar.setVisible(bool(busy))
+        self.busy_bar.setToolTip(
+            "Retraining the probe..." if retraining else "Computing cross-validated metrics..."
+        )
+
+    # ----------------------------------------------------------- selection
+    def _on_gallery_selection(self, rows: np.ndarray) -> None:
+        self.session.select(rows, origin=GALLERY_ORIGIN)
+
+    def _on_selection_changed(self, rows: np.ndarray, origin: str) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_selection_changed, rows, origin):
+            return
+        if len(rows) and int(np.max(rows)) >= len(self.gallery._section_code):
+            self._schedule_rebuild()  # cells arrived that the gallery has not seen yet
+            return
+        self.gallery.set_selected(rows, scroll=origin != GALLERY_ORIGIN)
+
+    # ---------------------------------------------------------------- keys
+    def _on_key_action(self, action: str, arg: Any) -> None:
+        if action == "key":
+            self.relabel_key(int(arg))
+        elif action == "clear":
+            self.relabel_selected(None)
+        elif action == "undo":
+            self.undo()
+        elif action == "redo":
+            self.redo()
+
+    def keyPressEvent(self, event: Any) -> None:
+        """The review keys work anywhere in the widget (not only over the gallery)."""
+        if self.gallery.handle_key(event):
+            event.accept()
+            return
+        super().keyPressEvent(event)
+
+    def _on_cells_dropped(self, ids: list[str], section: str) -> None:
+        label = self.gallery.drop_label(section)
+        if label is not NO_DROP:
+            self.relabel(ids, label)
+
+    # ------------------------------------------------------- threshold etc.
+    def _on_threshold_changed(self, value: float) -> None:
+        if abs(float(value) - self.review.threshold) > 1e-9:
+            self.review.threshold = float(value)  # -> settings_changed -> rebuild
+
+    def _on_probe_changed(self, _index: int) -> None:
+        kind = self.probe_combo.currentData()
+        if kind != self.review.probe_kind:
+            self.review.probe_kind = kind  # the retrainer refits in its worker
+            self._say(f"Probe: {self.probe_combo.currentText()} (refitting...)")
+
+    def _on_sort_changed(self, _index: int) -> None:
+        self.gallery.set_sort(self.sort_combo.currentData())
+
+    # --------------------------------------------------------- class dialogs
+    def _ask_add_class(self) -> None:
+        name, ok = QInputDialog.getText(self, "Add a class", "Class name:")
+        if ok and name.strip():
+            try:
+                self.add_class(name)
+            except ValueError as exc:
+                self._say(str(exc))
+
+    def _ask_rename_class(self, old: str | None = None) -> None:
+        classes = self.review.classes
+        if not classes:
+            self._say("No class to rename.")
+            return
+        if old is None:
+            old, ok = QInputDialog.getItem(self, "Rename a class", "Class:", classes, 0, False)
+            if not ok:
+                return
+        new, ok = QInputDialog.getText(self, "Rename a class", f"New name of {old}:", text=old)
+        if ok and new.strip() and new.strip() != old:
+            try:
+                self.rename_class(old, new)
+            except ValueError as exc:
+                self._say(str(exc))
+
+    def _ask_merge_classes(self) -> None:
+        classes = self.review.classes
+        if len(classes) < 2:
+            self._say("Merging needs two classes.")
+            return
+        source, ok = QInputDialog.getItem(self, "Merge classes", "Merge:", classes, 0, False)
+        if not ok:
+            return
+        others = [c for c in classes if c != source]
+        target, ok = QInputDialog.getItem(
+            self, "Merge classes", f"{source} into:", others, 0, False
+        )
+        if ok:
+            self._merge_checked([source], target)
+
+    def _merge_checked(self, sources: list[str], target: str) -> None:
+        try:
+            self.merge_classes(sources, target)
+        except ValueError as exc:
+            self._say(str(exc))
+
+    # ---------------------------------------------------------------- misc
+    def _say(self, text: str) -> None:
+        self.status.setText(text)
+
+    def closeEvent(self, event: Any) -> None:
+        """Stop background work and stop listening to the session and the review."""
+        self._shutdown()
+        super().closeEvent(event)
+
+    def _shutdown(self) -> None:
+        self._rebuild_timer.stop()
+        self._count_timer.stop()
+        self.gallery.stop()
+        if self._queue_worker is not None:
+            self._queue_worker.quit()
+        _disconnect_groups(self._slots)
+        self._lifeline.cut()
+
+
+def _short(group: str, width: int = 40) -> str:
+    """A long path shortened from the left for a combo box."""
+    text = str(group)
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def _signoff_time(table: CellTable, by: str, group: str) -> str:
+    from napari_hemofm.core.report import signoffs
+
+    for record in signoffs(table):
+        if record.get("by") == by and record.get("group") == group:
+            return str(record.get("time", ""))
+    return ""
