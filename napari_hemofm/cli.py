@@ -271,6 +271,82 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Batch-effect metrics of a project's embeddings (optionally after a correction)."""
+    import json
+
+    from napari_hemofm.core.batch import table_batch_report
+
+    table = _load_project(args.project)
+    if table.embeddings is None:
+        raise CommandError(f"{args.project}: no embeddings; run `hemofm embed` first")
+    correction = None if args.correct == "none" else args.correct
+    what = f" after {correction}" if correction else ""
+    print(
+        f"batch metrics of {table.n_cells} cells in {len(table.batches)} batch(es){what} ...",
+        file=sys.stderr,
+    )
+    try:
+        report = table_batch_report(
+            table, label_column=args.label_column, correction=correction, seed=args.seed
+        )
+    except (ValueError, KeyError, ImportError) as exc:
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise CommandError(f"{args.project}: {text}") from None
+    if args.json:
+        print(json.dumps(report, allow_nan=False))
+        return 0
+    _print_batch_report(report)
+    return 0
+
+
+def _print_batch_report(report: dict) -> None:
+    counts: dict[str, int] = {}
+    for entry in report["per_label"].values():
+        for name, n in entry["batches"].items():
+            counts[name] = counts.get(name, 0) + n
+    batches = ", ".join(f"{b} ({counts.get(b, 0)})" for b in report["batches"])
+    labelled = report["n_labelled"]
+    print(f"{report['n_cells']} cells ({labelled} with a cell type), batches: {batches}")
+    if report["n_not_embedded"]:
+        print(f"{report['n_not_embedded']} cell(s) without embedding left out")
+    print(
+        f"mixing metrics over the {len(report['mixing_labels'])} cell type(s) found in >= 2 "
+        f"batches: {', '.join(report['mixing_labels']) or 'none'}"
+    )
+    if report["excluded_labels"]:
+        left = ", ".join(f"{k} ({v})" for k, v in report["excluded_labels"].items())
+        print(f"left out of the mixing averages: {left}")
+    if report["correction"]:
+        print(f"after {report['correction']} (a preview: the project is not changed)")
+
+    def fmt(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    before = report.get("uncorrected")
+    head = f"{'metric':<30} {'value':>7}"
+    if before is not None:
+        head = f"{'metric':<30} {'before':>7} {'after':>7}"
+    print(f"{head}  {'direction':<40} meaning")
+    for name, value in report["metrics"].items():
+        cols = f"{name:<30} {fmt(value):>7}"
+        if before is not None:
+            cols = f"{name:<30} {fmt(before[name]):>7} {fmt(value):>7}"
+        print(f"{cols}  {report['directions'][name]:<40} {report['meanings'][name]}")
+    print()
+    columns = {
+        "ilisi": "iLISI",
+        "kbet_acceptance": "kBET acc.",
+        "pcr_batch": "PCR batch",
+        "batch_asw": "batch ASW",
+        "graph_connectivity": "graph conn.",
+    }
+    print(f"{'cell type':<20} {'cells':>6} " + " ".join(f"{c:>11}" for c in columns.values()))
+    for label, entry in report["per_label"].items():
+        values = " ".join(f"{fmt(entry.get(k)):>11}" for k in columns)
+        print(f"{label[:20]:<20} {entry['n_cells']:>6} {values}")
+
+
 def cmd_umap(args: argparse.Namespace) -> int:
     """Add a 2-D UMAP of the embeddings to a project (obsm["X_umap"])."""
     from napari_hemofm.core.reduce import umap_for_table
@@ -285,6 +361,58 @@ def cmd_umap(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.project}: {exc}") from None
     table.save(args.project)
     print(f"obsm['X_umap'] written to {args.project}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write differential counts per source image or batch as a long CSV."""
+    from napari_hemofm.core.io import write_csv
+    from napari_hemofm.core.report import differential_counts, differential_summary
+
+    table = _load_project(args.project)
+    if table.n_cells == 0:
+        raise CommandError(f"{args.project}: the project holds no cells")
+    if args.probe_file is not None:
+        from napari_hemofm.core.classify import LiveProbe
+
+        if table.embeddings is None:
+            raise CommandError(f"{args.project}: no embeddings to apply {args.probe_file} to")
+        try:
+            probe = LiveProbe.load(args.probe_file)
+            pred, conf = probe.apply(table.embeddings)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"{args.probe_file}: {exc}") from None
+        table.set_predictions(None, pred, conf)
+        print(f"predictions from {args.probe_file} ({probe.kind})", file=sys.stderr)
+    elif args.predict is not None:
+        from napari_hemofm.core.review import Review
+
+        if table.embeddings is None:
+            raise CommandError(f"{args.project}: no embeddings; run `hemofm embed` first")
+        review = Review(table, probe=args.predict)
+        review.retrain()
+        if review.probe is None:
+            raise CommandError(f"{args.project}: --predict needs labelled cells of >= 2 classes")
+        print(f"predictions from a {args.predict} probe on the labelled cells", file=sys.stderr)
+    counts = differential_counts(table, args.by, threshold=args.threshold)
+    write_csv(counts, args.out)
+    summary = differential_summary(table, args.by, threshold=args.threshold, target=args.target)
+    for group, row in summary.iterrows():
+        state = (
+            "signed off by " + row["signed_off_by"]
+            if row["signed_off_by"]
+            else (
+                "ready to sign off"
+                if row["can_sign_off"]
+                else f"{row['n_unidentified']} unidentified"
+            )
+        )
+        print(
+            f"{group}: {row['n_counted']} / {row['target']} cells counted "
+            f"({row['n_not_classed']} not classed), {state}",
+            file=sys.stderr,
+        )
+    print(f"{len(counts)} rows ({len(summary)} {args.by} groups) -> {args.out}", file=sys.stderr)
     return 0
 
 
@@ -354,15 +482,26 @@ def run_demo(
     viewer.open_sample("napari-hemofm", "synthetic_smears")
     _, embed = viewer.window.add_plugin_dock_widget("napari-hemofm", "Embed cells")
     _, cell_map = viewer.window.add_plugin_dock_widget("napari-hemofm", "Cell map")
+    viewer.window.add_plugin_dock_widget("napari-hemofm", "Review", tabify=True)
     cell_map.set_color_by("batch")  # nothing is labelled yet: show the three labs
     embed.model_combo.setCurrentText("handcrafted")
+    seeded = _seed_when_embedded(viewer, embed)
     embed.run()
     if run:
         napari.run()
         return viewer
 
+    from napari_hemofm._widgets._review_state import get_retrainer
+
+    retrainer = get_retrainer(viewer)
+
     def settled() -> bool:
-        return not embed.running and not getattr(cell_map, "is_computing", False)
+        return (
+            not embed.running
+            and not getattr(cell_map, "is_computing", False)
+            and seeded()
+            and not retrainer.busy
+        )
 
     done = _wait_until(settled, timeout)
     status = embed.status
@@ -377,6 +516,66 @@ def run_demo(
             viewer.close()
     print(f"demo: {status}", file=sys.stderr)
     return viewer
+
+
+def seed_demo_labels(viewer) -> dict[str, str]:
+    """Label one cell per class from the synthetic smears' ground truth (origin "imported").
+
+    The demo's smears come with the class of every WBC they hold
+    (``layer.metadata["ground_truth"]``); one detected cell per class gets that label so
+    the probe has something to learn from and the Review gallery shows predictions.
+
+    Returns
+    -------
+    dict of str to str
+        Class name -> cell id of the labelled cell.
+    """
+    import numpy as np
+
+    from napari_hemofm._widgets._layers import source_key
+    from napari_hemofm._widgets._session import get_session
+
+    table = get_session(viewer).table
+    obs = table.obs
+    sources = obs["source"].astype(str).to_numpy()
+    chosen: dict[str, str] = {}
+    for layer in viewer.layers:
+        truth = getattr(layer, "metadata", {}).get("ground_truth")
+        if truth is None or not len(truth):
+            continue
+        for row in np.flatnonzero(sources == source_key(layer)):
+            x, y = float(obs["x"].iat[row]), float(obs["y"].iat[row])
+            inside = truth[
+                (truth["x0"] <= x) & (x <= truth["x1"]) & (truth["y0"] <= y) & (y <= truth["y1"])
+            ]
+            if len(inside):
+                chosen.setdefault(str(inside["label"].iat[0]), str(table.cell_ids[row]))
+    if chosen:
+        table.set_labels(list(chosen.values()), list(chosen), origin="imported")
+    return chosen
+
+
+def _seed_when_embedded(viewer, embed) -> Callable[[], bool]:
+    """Seed the demo's labels once the Embed panel is done; returns ``done()``."""
+    from qtpy.QtCore import QTimer
+
+    state = {"done": False}
+    timer = QTimer(embed)
+    timer.setInterval(300)
+
+    def check() -> None:
+        from napari_hemofm._widgets._session import get_session
+
+        table = get_session(viewer).table
+        if embed.running or table.n_cells == 0 or table.embeddings is None:
+            return
+        timer.stop()
+        seed_demo_labels(viewer)
+        state["done"] = True
+
+    timer.timeout.connect(check)
+    timer.start()
+    return lambda: state["done"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -496,6 +695,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=cmd_eval)
 
+    batch = sub.add_parser(
+        "batch",
+        help="batch-effect metrics (iLISI, kBET, PCR, ASW, ...) of a project's embeddings",
+        description=(
+            "Batch-effect metrics of the embeddings, computed within each cell type "
+            "(the curated label, else the prediction) and averaged over the types found "
+            "in >= 2 batches: iLISI, kBET acceptance, PCR-batch, batch ASW, graph "
+            "connectivity; cell-type ASW, NMI, ARI; leave-one-batch-out kNN and linear "
+            "probe accuracy. --correct reports on a corrected copy; the project is not "
+            "changed. See docs/batch.md."
+        ),
+    )
+    batch.add_argument("project", type=Path, metavar="PROJECT.h5ad")
+    batch.add_argument("--json", action="store_true", help="print one JSON object")
+    batch.add_argument(
+        "--label-column",
+        default="label",
+        metavar="COLUMN",
+        help="obs column of the cell types (default: label, else prediction)",
+    )
+    batch.add_argument(
+        "--correct",
+        choices=("none", "centre", "combat", "harmony"),
+        default="none",
+        help="report after this correction, with the uncorrected values beside (default none)",
+    )
+    batch.add_argument("--seed", type=int, default=0, help="seed of subsamples and k-means")
+    batch.set_defaults(func=cmd_batch)
+
     umap = sub.add_parser(
         "umap",
         help="add a 2-D UMAP of the embeddings to a project",
@@ -505,6 +733,43 @@ def build_parser() -> argparse.ArgumentParser:
     umap.add_argument("--seed", type=int, default=0)
     umap.add_argument("--force", action="store_true", help="recompute even if cached")
     umap.set_defaults(func=cmd_umap)
+
+    report = sub.add_parser(
+        "report",
+        help="differential counts per source image or batch (long CSV)",
+        description=(
+            "Count each class per smear (--by source) or per batch. A cell counts as its "
+            "curated label, else its prediction (when its confidence reaches the "
+            "Unidentified threshold), else 'Unidentified'; 'Not classed' cells are left "
+            "out. CSV columns: group, label, count, percent."
+        ),
+    )
+    report.add_argument("project", type=Path, metavar="PROJECT.h5ad")
+    report.add_argument("--by", choices=("source", "batch"), default="source")
+    report.add_argument("--out", type=Path, required=True, metavar="COUNTS.csv")
+    report.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="predictions below this confidence count as Unidentified "
+        "(default: the threshold saved with the project, else 0)",
+    )
+    report.add_argument(
+        "--target", type=int, default=100, help="cells to count per group (default 100)"
+    )
+    predict = report.add_mutually_exclusive_group()
+    predict.add_argument(
+        "--predict",
+        choices=("knn", "linear"),
+        help="first predict unlabelled cells with a probe trained on the labelled ones",
+    )
+    predict.add_argument(
+        "--probe-file",
+        type=Path,
+        metavar="PROBE.npz",
+        help="first predict every cell with a probe saved from another project",
+    )
+    report.set_defaults(func=cmd_report)
 
     sample = sub.add_parser(
         "sample",

@@ -72,9 +72,10 @@ MONTAGE_KEY = "hemofm_montage"
 CELLS_KEY = "hemofm_cells"
 #: ``origin`` of the session selections made by clicking points in a ``cells`` layer.
 LAYER_ORIGIN = "layer"
-#: Per-cell columns mirrored into ``layer.features`` (``score`` too when the table has it).
+#: Per-cell columns mirrored into ``layer.features`` (``score`` and ``ilisi``, the Batch
+#: view's per-cell mixing, too when the table has them).
 FEATURE_COLUMNS = ("cell_id", "label", "prediction", "confidence", "batch")
-_OPTIONAL_FEATURES = ("score",)
+_OPTIONAL_FEATURES = ("score", "ilisi")
 _CATEGORICAL = ("label", "prediction", "batch")
 
 #: Border colour of an unlabelled cell (RGBA): the map's "no value" grey.
@@ -150,7 +151,7 @@ def cell_features(table: CellTable, rows: np.ndarray) -> pd.DataFrame:
     Returns
     -------
     pandas.DataFrame
-        :data:`FEATURE_COLUMNS` (+ ``score`` when the table has it), one row per
+        :data:`FEATURE_COLUMNS` (+ ``score``, ``ilisi`` when the table has them), one row per
         point; ``label``, ``prediction`` and ``batch`` are categorical.
     """
     rows = np.asarray(rows, dtype=np.int64)

@@ -12,8 +12,9 @@ from napari_hemofm._widgets._session import get_session
 @pytest.mark.slow
 def test_demo_builds_the_viewer_headless(qapp, tmp_path):
     """run_demo(run=False) returns after the embedding and the map are done: three sample
-    images, a cells layer on each (one point per cell of the table), the Embed panel and
-    the Cell map docked, every cell embedded; the screenshot is written."""
+    images, a cells layer on each (one point per cell of the table), the Embed panel, the
+    Cell map and the Review docked, every cell embedded, one cell per class labelled from
+    the ground truth and every cell predicted; the screenshot is written."""
     shot = tmp_path / "demo.png"
     viewer = cli.run_demo(run=False, screenshot=shot, close=False, timeout=300)
     try:
@@ -29,6 +30,12 @@ def test_demo_builds_the_viewer_headless(qapp, tmp_path):
         docked = list(viewer.window.dock_widgets.values())
         assert any(isinstance(w, EmbedWidget) for w in docked)
         assert any(type(w).__name__ == "CellMapWidget" for w in docked)
+        assert any(type(w).__name__ == "ReviewWidget" for w in docked)
+        # one cell per class got its ground-truth label; the probe predicted every cell
+        labelled = table.obs["label"].dropna().astype(str)
+        assert len(labelled) >= 3
+        assert labelled.is_unique
+        assert table.obs["prediction"].notna().all()
         assert shot.stat().st_size > 10_000
     finally:
         viewer.close()

@@ -1,0 +1,1726 @@
+"""The "Batch view" dock widget: how cells from different labs, scanners or stains mix.
+
+What a hematologist sees, top to bottom:
+
+- two maps with the same coordinates (``obsm["X_umap"]``), the left coloured by batch,
+  the right by cell type; either can show the per-cell *mixing* (iLISI) instead. A
+  selection on either is the session's selection (origin ``"batch_view"``);
+- a correction preview (centre / ComBat / Harmony, :func:`~napari_hemofm.core.batch.
+  correct_embeddings`): the maps show the UMAP of the corrected embedding and the
+  metric table shows before -> after. ``obsm["X_embed"]`` is never written; "Keep as
+  separate embedding" stores the preview as ``obsm["X_embed_<method>"]``;
+- three tabs: the metric table (:func:`~napari_hemofm.core.batch.batch_report`, per cell
+  type and overall, with each metric's direction and meaning), a batch x cell-type grid
+  of thumbnails (the same cell type from each lab side by side), and per-batch stain and
+  size distributions (:mod:`~napari_hemofm.core.appearance`).
+
+It talks only to the viewer's :class:`~napari_hemofm.core.session.CellSession`. It
+writes into the cell table only on the GUI thread, and only: the ``ilisi`` column
+(per-cell mixing of ``X_embed``; the ``cells`` layers mirror it into their ``features``
+and the Cell map can colour by it), ``obsm["X_umap"]`` when asked to compute it (as the
+Cell map does), and a kept correction.
+Everything slow (metrics, corrections, UMAP, crops) runs in workers started with
+:func:`~napari_hemofm._widgets._workers.start_worker` on snapshots taken on the GUI
+thread, so a worker never reads the live table.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtGui import QColor, QImage, QPixmap
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QButtonGroup,
+    QCheckBox,
+    QComboBox,
+    QFrame,
+    QGridLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_hemofm._widgets._colors import MISSING_COLOR
+from napari_hemofm._widgets._map import (
+    MISSING_ARGB,
+    _bridge_if_needed,
+    _colormap_lut,
+    _disconnect_all,
+    _disconnect_groups,
+    _hex_to_argb,
+    _html,
+    _MainThreadBridge,
+    palette_color,
+)
+from napari_hemofm._widgets._scatter import ScatterCanvas
+from napari_hemofm._widgets._session import get_session
+from napari_hemofm._widgets._thumbstrip import (
+    placeholder_pixmap,
+    start_thumbnail_worker,
+    thumbnail_pixmap,
+)
+from napari_hemofm._widgets._workers import Lifeline, start_worker
+
+if TYPE_CHECKING:
+    import napari
+
+    from napari_hemofm.core.cells import CellTable
+    from napari_hemofm.core.session import CellSession
+
+#: ``origin`` of every selection this widget makes.
+ORIGIN = "batch_view"
+#: Correction previews offered ("none" shows the embeddings as they are).
+CORRECTIONS = ("none", "centre", "combat", "harmony")
+#: What a map can be coloured by: key -> combo text.
+COLOR_OPTIONS: dict[str, str] = {
+    "batch": "batch",
+    "class": "cell type (label, else prediction)",
+    "label": "label (curated only)",
+    "prediction": "prediction",
+    "ilisi": "mixing (iLISI)",
+}
+#: The obs column holding the per-cell mixing of ``X_embed``.
+MIXING_COLUMN = "ilisi"
+#: Thumbnails per (batch, cell type) in the grid.
+THUMBS_PER_GROUP = 4
+#: Side of a grid thumbnail in pixels.
+GRID_ICON = 48
+#: Cells per batch measured for the stain and size plots (seeded sample).
+APPEARANCE_PER_BATCH = 300
+#: Colormap of the mixing colouring.
+MIXING_COLORMAP = "viridis"
+#: First colormap entry used: viridis' darkest purples vanish on napari's dark theme.
+MIXING_LUT_START = 40
+#: Delay before the grid follows a selection made elsewhere (ms).
+GRID_DEBOUNCE_MS = 150
+#: Plotted appearance statistics: (column, axis title).
+APPEARANCE_PLOTS: tuple[tuple[str, str], ...] = (
+    ("cell_hue_deg", "cell hue (deg; -60 magenta, -120 blue)"),
+    ("cell_saturation", "cell saturation (0-1)"),
+    ("cell_od", "cell optical density (R+G+B)"),
+    ("nucleus_od", "nucleus optical density (R+G+B)"),
+    ("cell_area", "cell area"),
+    ("background", "glass brightness (0-255)"),
+)
+
+
+def harmony_available() -> bool:
+    """Whether the optional ``harmonypy`` package is installed."""
+    return importlib.util.find_spec("harmonypy") is not None
+
+
+# ---------------------------------------------------------------- worker bodies
+@dataclass
+class _Snapshot:
+    """What a worker needs, copied from the table on the GUI thread.
+
+    ``X`` holds the embedded rows only (boolean indexing copies), so no worker can touch
+    ``obsm["X_embed"]``.
+    """
+
+    table: Any
+    generation: int  # the widget's invalidation count when taken
+    X_ref: Any  # the table's embedding array when taken (identity = cache key)
+    X: np.ndarray  # (n_embedded, dim)
+    done: np.ndarray  # (n_cells,) bool: embedded rows
+    batches: np.ndarray  # (n_embedded,) object
+    labels: np.ndarray  # (n_embedded,) object, None = no cell type
+
+    def full(self, values: np.ndarray) -> np.ndarray:
+        """Values of the embedded rows spread to all rows (NaN elsewhere)."""
+        values = np.asarray(values)
+        out = np.full((len(self.done), *values.shape[1:]), np.nan, dtype=np.float64)
+        out[self.done] = values
+        return out
+
+
+def _analyse(snap: _Snapshot, want_report: bool) -> dict[str, Any]:
+    """Worker: per-cell mixing and (optionally) the batch report of the snapshot."""
+    from napari_hemofm.core import batch
+
+    out: dict[str, Any] = {
+        "ilisi": snap.full(batch.ilisi_per_cell(snap.X, snap.batches, snap.labels))
+    }
+    if want_report:
+        out["report"] = batch.batch_report(snap.X, snap.batches, snap.labels)
+    return out
+
+
+def _preview(snap: _Snapshot, method: str, want_before: bool) -> dict[str, Any]:
+    """Worker: a corrected copy of the embeddings, its UMAP, mixing and report."""
+    from napari_hemofm.core import batch, reduce
+
+    corrected = batch.correct_embeddings(snap.X, snap.batches, snap.labels, method=method)
+    out: dict[str, Any] = {
+        "X": corrected,
+        "coords": snap.full(reduce.compute_umap(corrected, **reduce.UMAP_DEFAULTS)),
+        "ilisi": snap.full(batch.ilisi_per_cell(corrected, snap.batches, snap.labels)),
+        "report": batch.batch_report(corrected, snap.batches, snap.labels),
+    }
+    if want_before:
+        out["before"] = _analyse(snap, True)
+    return out
+
+
+def _pca_layout(snap: _Snapshot) -> np.ndarray:
+    """Worker: the first two principal components (a quick stand-in for the UMAP)."""
+    from napari_hemofm.core.reduce import compute_pca
+
+    xy = compute_pca(snap.X, 2) if len(snap.X) >= 2 else np.zeros((len(snap.X), 2))
+    if xy.shape[1] < 2:
+        xy = np.concatenate([xy, np.zeros((len(xy), 2 - xy.shape[1]))], axis=1)
+    return snap.full(xy)
+
+
+def _umap_layout(snap: _Snapshot) -> tuple[np.ndarray, dict[str, Any]]:
+    """Worker: the UMAP of ``X_embed`` as the Cell map computes it, with its cache key."""
+    from napari_hemofm.core import reduce
+
+    coords = reduce.compute_umap(snap.X, **reduce.UMAP_DEFAULTS)
+    key = {"fingerprint": reduce.embedding_fingerprint(snap.X_ref), **reduce.UMAP_DEFAULTS}
+    return snap.full(coords), key
+
+
+def _measure(
+    obs: pd.DataFrame,
+    rows: np.ndarray,
+    images: dict[str, Any],
+    pixel_size_um: float | None,
+    progress: Callable[[int, int], None],
+    cancel: Callable[[], bool],
+) -> pd.DataFrame:
+    """Worker: stain and size statistics of the sampled cells."""
+    from napari_hemofm.core.appearance import table_appearance
+
+    return table_appearance(
+        obs,
+        None,
+        rows=rows,
+        progress=progress,
+        images=images,
+        pixel_size_um=pixel_size_um,
+        cancel=cancel,
+    )
+
+
+@dataclass
+class _Preview:
+    """A computed correction preview."""
+
+    X: np.ndarray
+    coords: np.ndarray
+    ilisi: np.ndarray
+    report: dict[str, Any]
+    done: np.ndarray = field(repr=False)
+
+
+# ---------------------------------------------------------------- colours
+@dataclass
+class _Scheme:
+    """Colours of one map and its legend."""
+
+    colors: np.ndarray
+    legend: str
+    numeric: bool = False
+
+
+def _categorical_scheme(
+    values: Sequence[Any], order: dict[str, int], missing: str
+) -> tuple[np.ndarray, list[tuple[str, str, int]]]:
+    """ARGB colours per cell and legend entries (name, colour, count) of categories."""
+    arr = np.array([None if pd.isna(v) else str(v) for v in values], dtype=object)
+    present = np.array([v is not None for v in arr], dtype=bool)
+    for name in pd.unique(arr[present]):
+        order.setdefault(str(name), len(order))
+    colors = np.full(len(arr), MISSING_ARGB, np.uint32)
+    entries = []
+    for name, index in sorted(order.items(), key=lambda kv: kv[1]):
+        hit = arr == name
+        count = int(hit.sum())
+        if count:
+            color = palette_color(index)
+            colors[hit] = _hex_to_argb(color)
+            entries.append((name, color, count))
+    n_missing = int((~present).sum())
+    if n_missing:
+        entries.append((missing, MISSING_COLOR, n_missing))
+    return colors, entries
+
+
+def _legend_html(entries: list[tuple[str, str, int]]) -> str:
+    return " &nbsp; ".join(
+        f'<span style="color:{color}">&#9632;</span>&nbsp;{_html(name)}'
+        f'&nbsp;<span style="color:gray">({count:,})</span>'
+        for name, color, count in entries
+    )
+
+
+def _mixing_lut() -> np.ndarray:
+    """256 ARGB colours of the mixing colormap (without its darkest entries)."""
+    lut = _colormap_lut(MIXING_COLORMAP)
+    return lut[np.linspace(MIXING_LUT_START, 255, 256).round().astype(np.int64)]
+
+
+def _mixing_colors(values: np.ndarray) -> np.ndarray:
+    """ARGB colours of scaled iLISI values in [0, 1] (NaN: grey)."""
+    v = np.asarray(values, dtype=np.float64)
+    colors = np.full(len(v), MISSING_ARGB, np.uint32)
+    ok = np.isfinite(v)
+    idx = np.clip(np.rint(np.clip(v[ok], 0.0, 1.0) * 255), 0, 255).astype(np.int64)
+    colors[ok] = _mixing_lut()[idx]
+    return colors
+
+
+def _colormap_bar(width: int = 160, height: int = 10) -> QPixmap:
+    lut = _mixing_lut()
+    bar = np.ascontiguousarray(np.repeat(lut[None, :], height, axis=0))
+    image = QImage(bar.data, bar.shape[1], bar.shape[0], 4 * bar.shape[1],
+                   QImage.Format.Format_RGB32).copy()  # fmt: skip
+    return QPixmap.fromImage(image).scaled(width, height)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def _better(direction: str) -> int:
+    """+1 when a higher value is the good direction for this metric, else -1."""
+    return -1 if "batch effect" in direction else 1
+
+
+# ---------------------------------------------------------------- sub-widgets
+class _MapPanel:
+    """One map: a colour-by combo, the scatter canvas and its legend.
+
+    Not a widget: the two maps' parts are laid out in one grid, so that both canvases
+    get the same size whatever their legends need.
+    """
+
+    def __init__(self, title: str, default: str, background: str) -> None:
+        self.title = QLabel(f"<b>{title}</b>: colour by")
+        self.combo = QComboBox()
+        for key, text in COLOR_OPTIONS.items():
+            self.combo.addItem(text, key)
+        self.combo.setCurrentIndex(max(self.combo.findData(default), 0))
+        self.combo.setToolTip(f"What colours the points of the {title} map")
+        self.canvas = ScatterCanvas(background=background)
+        self.legend = QLabel("")
+        self.legend.setTextFormat(Qt.TextFormat.RichText)
+        self.legend.setWordWrap(True)
+        self.legend.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
+        self.legend_bar = QLabel()
+        self.legend_bar.hide()
+        self.top = QHBoxLayout()
+        self.top.addWidget(self.title)
+        self.top.addWidget(self.combo, 1)
+
+    @property
+    def color_by(self) -> str:
+        """Key of the colouring (see :data:`COLOR_OPTIONS`)."""
+        return str(self.combo.currentData())
+
+    def set_color_by(self, key: str) -> None:
+        """Colour by ``key`` (one of :data:`COLOR_OPTIONS`)."""
+        index = self.combo.findData(key)
+        if index < 0:
+            raise KeyError(f"cannot colour by {key!r}; choose one of {list(COLOR_OPTIONS)}")
+        self.combo.setCurrentIndex(index)
+
+    def show_scheme(self, scheme: _Scheme) -> None:
+        if len(scheme.colors) == self.canvas.n_points:
+            self.canvas.set_colors(scheme.colors)
+        self.legend.setText(scheme.legend)
+        if scheme.numeric:
+            self.legend_bar.setPixmap(_colormap_bar())
+            self.legend_bar.show()
+        else:
+            self.legend_bar.hide()
+
+
+class _Thumb(QLabel):
+    """A clickable thumbnail of one cell."""
+
+    clicked = Signal(int)
+
+    def __init__(self, row: int, cell_id: str, size: int) -> None:
+        super().__init__()
+        self.row = int(row)
+        self.cell_id = cell_id
+        self.setFixedSize(size + 4, size + 4)
+        self.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.setToolTip(cell_id)
+        self.setCursor(Qt.CursorShape.PointingHandCursor)
+        self.set_selected(False)
+
+    def set_selected(self, selected: bool) -> None:
+        color = "#ffd84a" if selected else "transparent"
+        self.setStyleSheet(f"border: 2px solid {color};")
+
+    def mousePressEvent(self, event) -> None:
+        """A click selects the cell."""
+        if event.button() == Qt.MouseButton.LeftButton:
+            self.clicked.emit(self.row)
+        event.accept()
+
+
+class BatchClassGrid(QWidget):
+    """Thumbnails of each cell type from each batch: rows x columns of small groups.
+
+    Signals
+    -------
+    cell_clicked(int)
+        The table row of a clicked thumbnail.
+    """
+
+    cell_clicked = Signal(int)
+
+    def __init__(self, cache: Callable[[], Any], *, icon: int = GRID_ICON) -> None:
+        super().__init__()
+        self._cache = cache
+        self.icon = int(icon)
+        self._lifeline = Lifeline(self)
+        self._worker = None
+        self._thumbs: dict[str, list[_Thumb]] = {}
+        self.row_names: list[str] = []
+        self.column_names: list[str] = []
+        self._shown: dict[tuple[str, str], list[str]] = {}
+        self._placeholder = placeholder_pixmap(self.icon)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self._content = QWidget()
+        self.scroll.setWidget(self._content)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.scroll)
+
+    @property
+    def loading(self) -> bool:
+        """True while thumbnails are cut in the background."""
+        return self._worker is not None
+
+    def shown(self, row_name: str, column_name: str) -> list[str]:
+        """Cell ids shown in one grid cell, in order."""
+        return list(self._shown.get((row_name, column_name), []))
+
+    def thumbnails(self) -> list[_Thumb]:
+        """Every thumbnail widget of the grid."""
+        return [t for group in self._thumbs.values() for t in group]
+
+    def set_groups(
+        self,
+        row_names: Sequence[str],
+        column_names: Sequence[str],
+        groups: dict[tuple[str, str], tuple[np.ndarray, list[str], int]],
+        row_colors: dict[str, str],
+        column_colors: dict[str, str],
+        selected: np.ndarray,
+    ) -> None:
+        """Lay the grid out.
+
+        Parameters
+        ----------
+        row_names, column_names : sequence of str
+        groups : dict
+            ``(row name, column name) -> (table rows, cell ids, cells in the group)``.
+        row_colors, column_colors : dict of str to str
+            Header colours.
+        selected : ndarray of int
+            Selected table rows (their thumbnails are outlined).
+        """
+        self.stop()
+        self.row_names = list(row_names)
+        self.column_names = list(column_names)
+        self._thumbs = {}
+        self._shown = {}
+        content = QWidget()
+        grid = QGridLayout(content)
+        grid.setSpacing(4)
+        grid.setContentsMargins(2, 2, 2, 2)
+        for j, name in enumerate(self.column_names):
+            head = QLabel(
+                f'<span style="color:{column_colors.get(name, MISSING_COLOR)}">&#9632;</span>'
+                f"&nbsp;<b>{_html(name)}</b>"
+            )
+            head.setAlignment(Qt.AlignmentFlag.AlignCenter)
+            grid.addWidget(head, 0, j + 1)
+        cache = self._cache()
+        missing: list[str] = []
+        chosen = set(np.asarray(selected, np.int64).tolist())
+        per_row = 2
+        for i, rname in enumerate(self.row_names):
+            head = QLabel(
+                f'<span style="color:{row_colors.get(rname, MISSING_COLOR)}">&#9632;</span>'
+                f"&nbsp;<b>{_html(rname)}</b>"
+            )
+            head.setWordWrap(True)
+            head.setMaximumWidth(110)
+            grid.addWidget(head, i + 1, 0)
+            for j, cname in enumerate(self.column_names):
+                rows, ids, total = groups.get((rname, cname), (np.zeros(0, np.int64), [], 0))
+                box = QFrame()
+                box.setFrameShape(QFrame.Shape.StyledPanel)
+                inner = QGridLayout(box)
+                inner.setContentsMargins(2, 2, 2, 2)
+                inner.setSpacing(1)
+                for k, (row, cell_id) in enumerate(zip(rows.tolist(), ids, strict=True)):
+                    thumb = _Thumb(row, cell_id, self.icon)
+                    pix = cache.peek(cell_id)
+                    if pix is None:
+                        thumb.setPixmap(self._placeholder)
+                        missing.append(cell_id)
+                    else:
+                        thumb.setPixmap(thumbnail_pixmap(pix, self.icon))
+                    thumb.set_selected(row in chosen)
+                    thumb.clicked.connect(self.cell_clicked.emit)
+                    inner.addWidget(thumb, k // per_row, k % per_row)
+                    self._thumbs.setdefault(cell_id, []).append(thumb)
+                self._shown[(rname, cname)] = list(ids)
+                caption = QLabel(f"n={total:,}" if total else "none")
+                caption.setStyleSheet("color: gray;")
+                caption.setAlignment(Qt.AlignmentFlag.AlignCenter)
+                span = max(1, (len(ids) + per_row - 1) // per_row)
+                inner.addWidget(caption, span, 0, 1, per_row)
+                grid.addWidget(box, i + 1, j + 1)
+        grid.setRowStretch(len(self.row_names) + 1, 1)
+        grid.setColumnStretch(len(self.column_names) + 1, 1)
+        self.scroll.setWidget(content)  # deletes the previous content
+        self._content = content
+        if missing:
+            self._worker = start_thumbnail_worker(
+                cache,
+                list(dict.fromkeys(missing)),
+                self._on_loaded,
+                self._on_finished,
+                lifeline=self._lifeline,
+            )
+
+    def set_selected(self, rows: np.ndarray) -> None:
+        """Outline the thumbnails of these table rows."""
+        chosen = set(np.asarray(rows, np.int64).tolist())
+        for thumb in self.thumbnails():
+            thumb.set_selected(thumb.row in chosen)
+
+    def _on_loaded(self, thumbs: dict[str, np.ndarray]) -> None:
+        for cell_id, thumb in thumbs.items():
+            for label in self._thumbs.get(cell_id, []):
+                label.setPixmap(thumbnail_pixmap(thumb, self.icon))
+
+    def _on_finished(self, worker) -> None:
+        if worker is self._worker:
+            self._worker = None
+
+    def stop(self) -> None:
+        """Stop loading thumbnails."""
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            worker.quit()
+
+
+class _Relay(QObject):
+    """Carries a worker's progress to the GUI thread (a queued signal)."""
+
+    progress = Signal(int, int)
+
+
+class AppearancePlots(QWidget):
+    """Per-batch distributions of stain colour, density and cell size (box plots)."""
+
+    def __init__(self, background: str) -> None:
+        super().__init__()
+        self._background = background
+        self.measure_button = QPushButton("Measure stain and size")
+        self.measure_button.setToolTip(
+            f"Segment up to {APPEARANCE_PER_BATCH} cells per batch (seeded sample) and "
+            "measure their colour, optical density and area"
+        )
+        self.progress = QProgressBar()
+        self.progress.setMaximumHeight(14)
+        self.progress.hide()
+        self.status = QLabel("Not measured yet.")
+        self.status.setWordWrap(True)
+        top = QHBoxLayout()
+        top.addWidget(self.measure_button)
+        top.addWidget(self.progress, 1)
+        self._layout = QVBoxLayout(self)
+        self._layout.setContentsMargins(0, 0, 0, 0)
+        self._layout.addLayout(top)
+        self._layout.addWidget(self.status)
+        self.figure = None
+        self.canvas = None
+
+    def _ensure_canvas(self) -> None:
+        if self.canvas is not None:
+            return
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(6, 3.6), facecolor=self._background, layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.canvas.setMinimumHeight(220)
+        self._layout.addWidget(self.canvas, 1)
+
+    def plot(self, frame: pd.DataFrame, batches: list[str], colors: dict[str, str]) -> None:
+        """Box plots of :data:`APPEARANCE_PLOTS` per batch."""
+        self._ensure_canvas()
+        fig = self.figure
+        fig.clear()
+        light = QColor(self._background).lightnessF() > 0.5
+        fg = "#222222" if light else "#d0d0d0"
+        data = frame[frame["segmented"]]
+        has_um = data["cell_area_um2"].notna().any()
+        axes = fig.subplots(2, 3)
+        for ax, (column, title) in zip(axes.ravel(), APPEARANCE_PLOTS, strict=True):
+            if column == "cell_area":
+                column = "cell_area_um2" if has_um else "cell_area_px"
+                title = "cell area (um$^2$)" if has_um else "cell area (source px)"
+            if column == "background":
+                values = data[["background_r", "background_g", "background_b"]].mean(axis=1)
+            else:
+                values = data[column]
+            groups = [values[data["batch"].astype(str) == b].dropna().to_numpy() for b in batches]
+            keep = [i for i, g in enumerate(groups) if len(g)]
+            ax.set_facecolor(self._background)
+            for spine in ax.spines.values():
+                spine.set_color(fg)
+            ax.tick_params(colors=fg, labelsize=7)
+            ax.set_title(title, color=fg, fontsize=8)
+            if not keep:
+                continue
+            parts = ax.boxplot(
+                [groups[i] for i in keep],
+                patch_artist=True,
+                widths=0.6,
+                showfliers=True,
+                flierprops={"markersize": 2, "markeredgecolor": fg, "alpha": 0.5},
+                medianprops={"color": fg},
+                whiskerprops={"color": fg},
+                capprops={"color": fg},
+            )
+            for patch, i in zip(parts["boxes"], keep, strict=True):
+                patch.set_facecolor(colors.get(batches[i], MISSING_COLOR))
+                patch.set_edgecolor(fg)
+            ax.set_xticks(range(1, len(keep) + 1))
+            ax.set_xticklabels([batches[i] for i in keep], rotation=20, ha="right")
+        self.canvas.draw_idle()
+
+
+# ---------------------------------------------------------------- the widget
+class BatchViewWidget(QWidget):
+    """Batch effects at a glance: two linked maps, metrics, a thumbnail grid, stain plots.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+        The viewer whose session (cell table, selection, thumbnails) to show.
+
+    Attributes
+    ----------
+    left, right : _MapPanel
+        The maps (``.canvas``, ``.combo``, ``.legend``); left coloured by batch, right
+        by cell type by default.
+    correction_combo : QComboBox
+        The correction preview: none, centre, combat, harmony.
+    metrics_table : QTableWidget
+        One row per cell type plus "all"; one column per metric.
+    grid : BatchClassGrid
+        Thumbnails per (batch, cell type).
+    plots : AppearancePlots
+        Stain and size distributions per batch.
+    appearance : pandas.DataFrame or None
+        The measured stain and size statistics (see
+        :data:`~napari_hemofm.core.appearance.APPEARANCE_COLUMNS`).
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = viewer
+        self.session: CellSession = get_session(viewer)
+        self._slots: dict[str, list[tuple[Any, Callable]]] = {"session": [], "table": []}
+        self._bridge = _MainThreadBridge(self)
+        self._lifeline = Lifeline(self)
+        self._relay = _Relay(self)
+        self._relay.progress.connect(self._on_measure_progress)
+        self._category_index: dict[str, dict[str, int]] = {}
+        self._base_xy = np.zeros((0, 2))
+        self._base_kind = "none"  # "umap", "pca" or "none"
+        self._layout_for: Any = None  # the embedding array the PCA layout belongs to
+        self._generation = 0
+        self._report: dict[str, Any] | None = None
+        self._ilisi: np.ndarray | None = None
+        self._analysed_for: Any = None
+        self._stale = ""
+        self._previews: dict[str, _Preview] = {}
+        self._preview_error: dict[str, str] = {}
+        self._workers: dict[str, Any] = {}
+        self._want_report = False
+        self._grid_click = False
+        self._grid_seed = 0
+        self._syncing_view = False
+        self._measure_cancel = False
+        self.appearance: pd.DataFrame | None = None
+        self.error = ""
+
+        self._build_ui()
+        self._grid_timer = QTimer(self)
+        self._grid_timer.setSingleShot(True)
+        self._grid_timer.setInterval(GRID_DEBOUNCE_MS)
+        self._grid_timer.timeout.connect(self.refresh_grid)
+
+        events = self.session.events
+        self._slots["session"] = [
+            (events.selection_changed, self._on_selection_changed),
+            (events.table_replaced, self._on_table_replaced),
+        ]
+        for signal, slot in self._slots["session"]:
+            signal.connect(slot)
+        self.destroyed.connect(functools.partial(_disconnect_groups, self._slots))
+        self._attach_table(self.session.table)
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        from napari.utils.theme import get_theme
+
+        try:
+            background = get_theme(self.viewer.theme).background.as_hex()
+        except Exception:  # an unknown theme id must not break the widget
+            background = "#262930"
+        self._background = background
+
+        self.correction_combo = QComboBox()
+        for name in CORRECTIONS:
+            self.correction_combo.addItem(name, name)
+        self.correction_combo.setToolTip(
+            "Preview a batch correction: the maps show the UMAP of the corrected "
+            "embeddings and the metrics show before -> after. The embeddings themselves "
+            "(X_embed) are never changed."
+        )
+        if not harmony_available():
+            index = self.correction_combo.findData("harmony")
+            item = self.correction_combo.model().item(index)
+            item.setEnabled(False)
+            item.setToolTip('needs the optional harmonypy: pip install "napari-hemofm[harmony]"')
+        self.correction_combo.currentIndexChanged.connect(self._on_correction_changed)
+        self.keep_button = QPushButton("Keep as separate embedding")
+        self.keep_button.setToolTip(
+            "Store the corrected embeddings as obsm['X_embed_<method>'] (X_embed stays)"
+        )
+        self.keep_button.setEnabled(False)
+        self.keep_button.clicked.connect(self.keep_preview)
+        self.umap_button = QPushButton("Compute UMAP")
+        self.umap_button.setToolTip("Compute the UMAP of the embeddings (as the Cell map does)")
+        self.umap_button.clicked.connect(self.compute_umap)
+        self.umap_button.hide()
+
+        self.tool_buttons: dict[str, QPushButton] = {}
+        group = QButtonGroup(self)
+        group.setExclusive(True)
+        for name, text in (("pan", "Pan"), ("rect", "Rect"), ("lasso", "Lasso")):
+            button = QPushButton(text)
+            button.setCheckable(True)
+            button.setToolTip(
+                f"{text} tool on both maps. Shift adds, Ctrl toggles, Esc clears the selection."
+            )
+            button.clicked.connect(lambda _c=False, tool=name: self.set_tool(tool))
+            group.addButton(button)
+            self.tool_buttons[name] = button
+        self.tool_buttons["pan"].setChecked(True)
+        self.reset_button = QPushButton("Reset view")
+        self.reset_button.clicked.connect(self.reset_view)
+
+        top = QHBoxLayout()
+        top.addWidget(QLabel("Correction preview"))
+        top.addWidget(self.correction_combo)
+        top.addWidget(self.keep_button)
+        top.addStretch(1)
+        for button in self.tool_buttons.values():
+            top.addWidget(button)
+        top.addWidget(self.reset_button)
+
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        status_row = QHBoxLayout()
+        status_row.addWidget(self.status, 1)
+        status_row.addWidget(self.umap_button)
+
+        self.left = _MapPanel("Batch", "batch", background)
+        self.right = _MapPanel("Cell type", "class", background)
+        for panel in (self.left, self.right):
+            panel.combo.currentIndexChanged.connect(
+                lambda _i=0, p=panel: self._on_color_changed(p)
+            )
+            canvas = panel.canvas
+            canvas.selection_requested.connect(self._on_canvas_selection)
+            canvas.clear_requested.connect(self.clear_selection)
+            canvas.tool_changed.connect(self._on_tool_changed)
+            canvas.view_changed.connect(lambda c=canvas: self._sync_view(c))
+            # number keys label the selection here as on the Cell map (_review_state)
+            canvas.number_pressed.connect(self._on_number_key)
+            canvas.history_requested.connect(self._on_history_key)
+        maps = QWidget()
+        grid = QGridLayout(maps)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.setSpacing(3)
+        for col, panel in enumerate((self.left, self.right)):
+            grid.addLayout(panel.top, 0, col)
+            grid.addWidget(panel.canvas, 1, col)
+            grid.addWidget(panel.legend_bar, 2, col)
+            grid.addWidget(panel.legend, 3, col)
+            grid.setColumnStretch(col, 1)
+        grid.setRowStretch(1, 1)
+
+        # metrics tab
+        self.compute_button = QPushButton("Compute")
+        self.compute_button.setToolTip(
+            "Batch-effect metrics of the embeddings, per cell type and overall "
+            "(a few seconds for a thousand cells; minutes for 100k)"
+        )
+        self.compute_button.clicked.connect(self.compute_metrics)
+        self.metrics_busy = QProgressBar()
+        self.metrics_busy.setRange(0, 0)
+        self.metrics_busy.setMaximumHeight(14)
+        self.metrics_busy.hide()
+        self.metrics_status = QLabel("Press Compute to measure the batch effect.")
+        self.metrics_status.setWordWrap(True)
+        self.metrics_table = QTableWidget(0, 0)
+        self.metrics_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.metrics_table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        self.metrics_table.verticalHeader().setDefaultSectionSize(20)
+        self.metrics_table.horizontalHeader().setSectionResizeMode(
+            QHeaderView.ResizeMode.ResizeToContents
+        )
+        self.metrics_legend = QLabel(self._legend_text())
+        self.metrics_legend.setTextFormat(Qt.TextFormat.RichText)
+        self.metrics_legend.setWordWrap(True)
+        legend_scroll = QScrollArea()
+        legend_scroll.setWidgetResizable(True)
+        legend_scroll.setWidget(self.metrics_legend)
+        legend_scroll.setMaximumHeight(110)
+        metrics_tab = QWidget()
+        mt = QVBoxLayout(metrics_tab)
+        mt.setContentsMargins(2, 2, 2, 2)
+        row = QHBoxLayout()
+        row.addWidget(self.compute_button)
+        row.addWidget(self.metrics_busy, 1)
+        mt.addLayout(row)
+        mt.addWidget(self.metrics_status)
+        mt.addWidget(self.metrics_table, 1)
+        mt.addWidget(legend_scroll)
+
+        # grid tab
+        self.grid = BatchClassGrid(lambda: self.session.thumbnails)
+        self.grid.cell_clicked.connect(self._on_grid_clicked)
+        self.swap_check = QCheckBox("Cell types as rows")
+        self.swap_check.setToolTip("Rows = cell types, columns = batches (else the reverse)")
+        self.swap_check.toggled.connect(lambda _on: self.refresh_grid())
+        self.selected_first = QCheckBox("Selected cells first")
+        self.selected_first.setChecked(True)
+        self.selected_first.setToolTip(
+            "Each group shows selected cells of that batch and type first, then a seeded sample"
+        )
+        self.selected_first.toggled.connect(lambda _on: self.refresh_grid())
+        self.shuffle_button = QPushButton("Other cells")
+        self.shuffle_button.setToolTip("Show another random sample of each group")
+        self.shuffle_button.clicked.connect(self._reshuffle)
+        grid_tab = QWidget()
+        gt = QVBoxLayout(grid_tab)
+        gt.setContentsMargins(2, 2, 2, 2)
+        row = QHBoxLayout()
+        row.addWidget(self.swap_check)
+        row.addWidget(self.selected_first)
+        row.addStretch(1)
+        row.addWidget(self.shuffle_button)
+        gt.addLayout(row)
+        gt.addWidget(self.grid, 1)
+
+        # stain and size tab
+        self.plots = AppearancePlots(background)
+        self.plots.measure_button.clicked.connect(self.compute_appearance)
+
+        self.tabs = QTabWidget()
+        self.tabs.addTab(metrics_tab, "Metrics")
+        self.tabs.addTab(grid_tab, "Cells by batch")
+        self.tabs.addTab(self.plots, "Stain and size")
+        self.tabs.currentChanged.connect(self._on_tab_changed)
+
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(maps)
+        split.addWidget(self.tabs)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 2)
+        split.setChildrenCollapsible(False)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(top)
+        layout.addLayout(status_row)
+        layout.addWidget(split, 1)
+
+    @staticmethod
+    def _legend_text() -> str:
+        from napari_hemofm.core.batch import METRIC_INFO
+
+        lines = [
+            f"<b>{_html(name)}</b> <i>({_html(direction)})</i>: {_html(meaning)}"
+            for name, (direction, meaning) in METRIC_INFO.items()
+        ]
+        return (
+            "Cell types are the curated labels, else the predictions. Mixing metrics are "
+            "computed within each cell type found in two or more batches, then averaged."
+            "<br>" + "<br>".join(lines)
+        )
+
+    # ------------------------------------------------------------- public
+    @property
+    def table(self) -> CellTable:
+        """The session's cell table."""
+        return self.session.table
+
+    @property
+    def correction(self) -> str:
+        """The correction previewed (``"none"`` when none)."""
+        return str(self.correction_combo.currentData())
+
+    @property
+    def layout_kind(self) -> str:
+        """What the maps show: ``"umap"``, ``"pca"``, ``"preview"`` or ``"none"``."""
+        if self.correction != "none" and self.correction in self._previews:
+            return "preview"
+        return self._base_kind
+
+    @property
+    def busy(self) -> bool:
+        """True while any background work of the widget runs."""
+        return bool(self._workers) or self.grid.loading
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        """The batch report of ``X_embed`` (None before Compute)."""
+        return self._report
+
+    def preview(self, method: str) -> _Preview | None:
+        """The computed preview of a correction, if any."""
+        return self._previews.get(method)
+
+    def positions(self) -> np.ndarray:
+        """Displayed map coordinates of shape (n_cells, 2) (NaN: not drawn)."""
+        return self.left.canvas.positions
+
+    def set_tool(self, tool: str) -> None:
+        """Mouse tool of both maps: ``"pan"``, ``"rect"`` or ``"lasso"``."""
+        for panel in (self.left, self.right):
+            panel.canvas.set_tool(tool)
+
+    def reset_view(self) -> None:
+        """Show all points on both maps."""
+        self.left.canvas.reset_view()
+        self.right.canvas.reset_view()
+
+    def set_correction(self, method: str) -> None:
+        """Preview a correction (``"none"``, ``"centre"``, ``"combat"``, ``"harmony"``)."""
+        index = self.correction_combo.findData(method)
+        if index < 0:
+            raise ValueError(f"correction must be one of {CORRECTIONS}; got {method!r}")
+        self.correction_combo.setCurrentIndex(index)
+
+    def clear_selection(self) -> None:
+        """Select nothing (Escape on a map)."""
+        self.session.clear_selection(origin=ORIGIN)
+
+    def metric_rows(self) -> list[str]:
+        """Row names of the metric table ("all" first, then the cell types)."""
+        return [
+            self.metrics_table.verticalHeaderItem(i).text()
+            for i in range(self.metrics_table.rowCount())
+        ]
+
+    def metric_columns(self) -> list[str]:
+        """Column names of the metric table."""
+        return [
+            self.metrics_table.horizontalHeaderItem(j).text()
+            for j in range(self.metrics_table.columnCount())
+        ]
+
+    # ------------------------------------------------------------- table
+    def _attach_table(self, table: CellTable) -> None:
+        _disconnect_all(self._slots["table"])
+        ev = table.events
+        self._slots["table"] = [
+            (ev.cells_added, self._on_cells_added),
+            (ev.labels_changed, self._on_labels_changed),
+            (ev.columns_changed, self._on_columns_changed),
+            (ev.embeddings_changed, self._on_embeddings_changed),
+            (ev.classes_changed, self._on_classes_changed),
+        ]
+        for signal, slot in self._slots["table"]:
+            signal.connect(slot)
+        self._category_index.clear()
+        self._invalidate("table")
+        self.appearance = None
+        self.plots.status.setText("Not measured yet.")
+        self._load_layout(fit=True)
+        self.refresh_grid()
+
+    def _invalidate(self, why: str) -> None:
+        """Forget results that no longer match the table's embeddings."""
+        self._generation += 1
+        for name in ("analyse", "preview", "layout"):
+            worker = self._workers.pop(name, None)
+            if worker is not None:
+                worker.quit()
+        self._report = None
+        self._ilisi = None
+        self._analysed_for = None
+        self._previews.clear()
+        self._preview_error.clear()
+        self._layout_for = None
+        self._stale = ""
+        self._fill_metrics()
+        if why != "table":
+            self.metrics_status.setText("The cells changed: press Compute again.")
+        self.metrics_busy.hide()
+        self.compute_button.setEnabled(True)
+
+    def _snapshot(self) -> _Snapshot | None:
+        from napari_hemofm.core.batch import table_labels
+
+        table = self.table
+        X = table.embeddings
+        if X is None or table.n_cells == 0:
+            return None
+        done = np.isfinite(X).all(axis=1)
+        if not done.any():
+            return None
+        return _Snapshot(
+            table=table,
+            generation=self._generation,
+            X_ref=X,
+            X=np.asarray(X[done]),
+            done=done,
+            batches=table.obs["batch"].astype(object).to_numpy()[done],
+            labels=table_labels(table)[done],
+        )
+
+    # ---------------------------------------------------------- layout
+    def _load_layout(self, *, fit: bool = False) -> None:
+        """Show the preview, the stored UMAP or (without one) a quick PCA layout."""
+        table = self.table
+        n = table.n_cells
+        method = self.correction
+        note = ""
+        if method != "none" and method in self._previews:
+            xy = self._previews[method].coords
+            self._show_positions(xy, fit=True)
+        else:
+            umap = table.adata.obsm.get("X_umap")
+            if umap is not None and np.shape(umap) == (n, 2):
+                self._base_kind = "umap"
+                self._base_xy = np.asarray(umap, dtype=np.float64)
+                self.umap_button.hide()
+            elif table.embeddings is None or n == 0:
+                self._base_kind = "none"
+                self._base_xy = np.full((n, 2), np.nan)
+                self.umap_button.hide()
+            else:
+                self.umap_button.show()
+                if self._layout_for is not table.embeddings:
+                    self._start_pca()
+                    self._base_xy = np.full((n, 2), np.nan)
+                    self._base_kind = "none"
+                note = "pca"
+            self._show_positions(self._base_xy, fit=fit)
+        self._recolor()
+        self._update_status(note)
+
+    def _show_positions(self, xy: np.ndarray, *, fit: bool) -> None:
+        first = self.left.canvas.n_shown == 0
+        for panel in (self.left, self.right):
+            panel.canvas.set_positions(np.asarray(xy, dtype=np.float64), fit=fit or first)
+            panel.canvas.set_selected(self.session.selected)
+
+    def _start_pca(self) -> None:
+        if "layout" in self._workers:
+            return
+        snap = self._snapshot()
+        if snap is None:
+            return
+        self._start("layout", _pca_layout, snap, returned=self._on_pca, snap=snap)
+
+    def _current(self, snap: _Snapshot) -> bool:
+        """Whether a worker's snapshot still matches the table."""
+        table = self.table
+        return (
+            snap.table is table
+            and snap.generation == self._generation
+            and snap.X_ref is table.embeddings
+        )
+
+    def _on_pca(self, snap: _Snapshot, xy: np.ndarray) -> None:
+        if not self._current(snap) or "X_umap" in self.table.adata.obsm:
+            return
+        self._layout_for = snap.X_ref
+        self._base_xy = xy
+        self._base_kind = "pca"
+        if self.correction == "none" or self.correction not in self._previews:
+            self._show_positions(xy, fit=True)
+            self._recolor()
+        self._update_status("pca")
+
+    def compute_umap(self) -> None:
+        """Compute the UMAP of ``X_embed`` in a worker and store it as ``obsm["X_umap"]``."""
+        if "umap" in self._workers:
+            return
+        snap = self._snapshot()
+        if snap is None or (~snap.done).any():
+            self.status.setText("Every cell must be embedded before the UMAP.")
+            return
+        self._start("umap", _umap_layout, snap, returned=self._on_umap, snap=snap)
+        self._update_status("")
+
+    def _on_umap(self, snap: _Snapshot, result: tuple[np.ndarray, dict]) -> None:
+        table = self.table
+        if not self._current(snap):
+            return
+        coords, key = result
+        table.update_meta(umap=key)
+        table.set_obsm("X_umap", coords.astype(np.float32))  # -> _on_embeddings_changed
+
+    def _update_status(self, note: str = "") -> None:
+        table = self.table
+        n = table.n_cells
+        shown = self.left.canvas.n_shown
+        kind = self.layout_kind
+        if table.embeddings is None:
+            text = "No embeddings yet: embed the cells (Embed panel) to compare batches."
+        elif kind == "preview":
+            text = f"{shown:,} cells: UMAP of the embeddings after '{self.correction}' (preview)"
+        elif kind == "umap":
+            text = f"{shown:,} of {n:,} cells on the UMAP"
+        elif kind == "pca":
+            text = (
+                "No UMAP yet: a quick PCA layout (first two components) is shown. "
+                "Compute the UMAP (or open the Cell map) for a better map."
+            )
+        else:
+            text = "Laying the cells out..."
+        if "umap" in self._workers:
+            text += " | computing UMAP (the first of a session takes ~30 s)..."
+        if "preview" in self._workers:
+            text += f" | computing the '{self.correction}' preview (correction, UMAP, metrics)..."
+        elif self.correction in self._preview_error:
+            text += f" | preview failed: {self._preview_error[self.correction]}"
+        if self.error:
+            text += f" | {self.error}"
+        n_sel = len(self.session.selected)
+        if n_sel:
+            text += f" | {n_sel:,} selected"
+        self.status.setText(text)
+        for panel in (self.left, self.right):
+            panel.canvas.set_message("" if shown else ("no map yet" if n else "no cells"))
+
+    def _on_number_key(self, key: int) -> None:
+        from napari_hemofm._widgets._review_state import get_retrainer
+
+        state = get_retrainer(self.viewer)
+        if key < 0:
+            state.clear_selection_labels()
+        else:
+            state.relabel_selection_key(key)
+
+    def _on_history_key(self, redo: bool) -> None:
+        from napari_hemofm._widgets._review_state import get_review
+
+        review = get_review(self.viewer)
+        review.redo() if redo else review.undo()
+
+    def _sync_view(self, source: ScatterCanvas) -> None:
+        """Keep both maps on the same part of the layout (pan and zoom follow)."""
+        # only pan / zoom by the user is mirrored: a fit follows each canvas's own size
+        if self._syncing_view or not getattr(source, "_user_moved", False):
+            return
+        other = self.right.canvas if source is self.left.canvas else self.left.canvas
+        if other.n_points != source.n_points or source.n_shown == 0:
+            return
+        x0, y0, x1, y1 = source.view_rect()
+        if not (np.isfinite([x0, y0, x1, y1]).all() and x1 > x0):
+            return
+        self._syncing_view = True
+        try:
+            scale = max(source.width(), 1) / (x1 - x0)
+            other.set_view((x0 + x1) / 2, (y0 + y1) / 2, scale)
+        finally:
+            self._syncing_view = False
+
+    # ------------------------------------------------------------ colours
+    def _class_values(self) -> np.ndarray:
+        from napari_hemofm.core.batch import table_labels
+
+        return table_labels(self.table)
+
+    def _order(self, key: str) -> dict[str, int]:
+        """Palette index per category: classes in hotkey order; batches as in the Cell map."""
+        if key in ("class", "label", "prediction"):
+            return {name: i for i, name in enumerate(self.table.classes)}
+        order = self._category_index.setdefault(key, {})
+        col = self.table.obs[key] if key in self.table.obs.columns else None
+        if col is not None and isinstance(col.dtype, pd.CategoricalDtype):
+            for name in col.cat.categories:
+                order.setdefault(str(name), len(order))
+        return order
+
+    def batch_colors(self) -> dict[str, str]:
+        """Colour of each batch (as on the batch map)."""
+        order = self._order("batch")
+        for name in self.table.batches:
+            order.setdefault(name, len(order))
+        return {name: palette_color(i) for name, i in order.items()}
+
+    def class_colors(self) -> dict[str, str]:
+        """Colour of each cell type (as on the cell-type map and in the Cell map)."""
+        return {name: palette_color(i) for name, i in self._order("class").items()}
+
+    def _mixing_values(self) -> np.ndarray | None:
+        method = self.correction
+        if method != "none" and method in self._previews:
+            return self._previews[method].ilisi
+        if self._ilisi is not None and len(self._ilisi) == self.table.n_cells:
+            return self._ilisi
+        return None
+
+    def _scheme(self, key: str) -> _Scheme:
+        table = self.table
+        n = table.n_cells
+        if key == "ilisi":
+            values = self._mixing_values()
+            if values is None:
+                return _Scheme(
+                    np.full(n, MISSING_ARGB, np.uint32),
+                    "mixing (iLISI): computing..." if self._workers.get("analyse") else "",
+                    numeric=False,
+                )
+            n_missing = int((~np.isfinite(values)).sum())
+            legend = (
+                "mixing (iLISI): 0 = only its own batch around it &#8594; 1 = batches evenly mixed"
+            )
+            if n_missing:
+                legend += (
+                    f' &nbsp; <span style="color:{MISSING_COLOR}">&#9632;</span>&nbsp;'
+                    f"not scored ({n_missing:,}: no cell type, or a type in one batch)"
+                )
+            return _Scheme(_mixing_colors(values), legend, numeric=True)
+        if key == "class":
+            values, missing = self._class_values(), "no cell type"
+        elif key in table.obs.columns:
+            values = table.obs[key].astype(object).to_numpy()
+            missing = "unlabelled" if key == "label" else "no value"
+        else:
+            values, missing = np.full(n, None, dtype=object), "no value"
+        colors, entries = _categorical_scheme(values, self._order(key), missing)
+        return _Scheme(colors, _legend_html(entries))
+
+    def _recolor(self, panel: _MapPanel | None = None) -> None:
+        for p in (self.left, self.right) if panel is None else (panel,):
+            if p.color_by == "ilisi" and self._mixing_values() is None:
+                self._start_analysis(want_report=False)
+            p.show_scheme(self._scheme(p.color_by))
+
+    def _on_color_changed(self, panel: _MapPanel) -> None:
+        self._recolor(panel)
+
+    # ---------------------------------------------------------- selection
+    def _on_canvas_selection(self, rows: np.ndarray, mode: str) -> None:
+        self.session.select(np.asarray(rows, np.int64), origin=ORIGIN, mode=mode)
+
+    def _on_tool_changed(self, tool: str) -> None:
+        self.tool_buttons[tool].setChecked(True)
+        for panel in (self.left, self.right):
+            if panel.canvas.tool != tool:
+                panel.canvas.set_tool(tool)
+
+    def _on_grid_clicked(self, row: int) -> None:
+        self._grid_click = True
+        try:
+            self.session.select([row], origin=ORIGIN)
+        finally:
+            self._grid_click = False
+
+    def _on_selection_changed(self, rows: np.ndarray, origin: str) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_selection_changed, rows, origin):
+            return
+        rows = np.asarray(rows, np.int64)
+        for panel in (self.left, self.right):
+            panel.canvas.set_selected(rows)
+        self.grid.set_selected(rows)
+        if self.selected_first.isChecked() and not self._grid_click:
+            self._grid_timer.start()
+        self._update_status()
+
+    # --------------------------------------------------------------- grid
+    def _reshuffle(self) -> None:
+        self._grid_seed += 1
+        self.refresh_grid()
+
+    def refresh_grid(self) -> None:
+        """Lay the batch x cell-type thumbnail grid out again."""
+        self._grid_timer.stop()
+        table = self.table
+        batches = table.batches
+        classes_all = self._class_values()
+        present = {str(v) for v in classes_all if v is not None}
+        classes = [c for c in table.classes if c in present]
+        classes += sorted(present - set(classes))
+        batch_col = table.obs["batch"].astype(object).to_numpy()
+        selected = self.session.selected
+        sel_mask = np.zeros(table.n_cells, bool)
+        sel_mask[selected[selected < table.n_cells]] = True
+        first = self.selected_first.isChecked()
+        groups: dict[tuple[str, str], tuple[np.ndarray, list[str], int]] = {}
+        swap = self.swap_check.isChecked()
+        ids = table.cell_ids
+        for bi, b in enumerate(batches):
+            in_batch = batch_col == b
+            for ci, c in enumerate(classes):
+                rows = np.flatnonzero(in_batch & (classes_all == c))
+                rng = np.random.default_rng([self._grid_seed, bi, ci])
+                rows = rng.permutation(rows)
+                if first:
+                    rows = np.concatenate([rows[sel_mask[rows]], rows[~sel_mask[rows]]])
+                shown = rows[:THUMBS_PER_GROUP].astype(np.int64)
+                key = (c, b) if swap else (b, c)
+                groups[key] = (shown, ids[shown].tolist(), len(rows))
+        bcol, ccol = self.batch_colors(), self.class_colors()
+        if swap:
+            self.grid.set_groups(classes, batches, groups, ccol, bcol, selected)
+        else:
+            self.grid.set_groups(batches, classes, groups, bcol, ccol, selected)
+
+    # ------------------------------------------------------------ metrics
+    def compute_metrics(self) -> None:
+        """Compute the batch report and per-cell mixing of ``X_embed`` in a worker.
+
+        A correction being previewed is recomputed too (its cell types may have changed).
+        """
+        self._start_analysis(want_report=True)
+        method = self.correction
+        if method != "none" and self._stale:
+            self._previews.clear()
+            self._start_preview(method)
+
+    def _start_analysis(self, *, want_report: bool) -> None:
+        self._want_report = self._want_report or want_report
+        if "analyse" in self._workers:
+            return
+        snap = self._snapshot()
+        if snap is None:
+            self.metrics_status.setText("No embeddings yet: embed the cells first.")
+            return
+        if len(set(snap.batches.tolist())) < 2:
+            self.metrics_status.setText(
+                f"Only one batch ({', '.join(map(str, set(snap.batches.tolist())))}): "
+                "batch effects need cells from two or more labs, scanners or stains."
+            )
+            return
+        want = self._want_report
+        self._want_report = False
+        self._start(
+            "analyse",
+            _analyse,
+            snap,
+            want,
+            returned=self._on_analysed,
+            snap=snap,
+            errored=self._on_analysis_error,
+        )
+        if want:
+            self.metrics_busy.show()
+            self.compute_button.setEnabled(False)
+            n = int(snap.done.sum())
+            self.metrics_status.setText(f"Computing the metrics of {n:,} cells...")
+
+    def _on_analysed(self, snap: _Snapshot, result: dict[str, Any]) -> None:
+        if self._current(snap):
+            self._apply_analysis(result)
+
+    def _apply_analysis(self, result: dict[str, Any]) -> None:
+        table = self.table
+        self._ilisi = result["ilisi"]
+        self._analysed_for = table.embeddings
+        # the column reaches the cells layers' features and the Cell map's colour list
+        table.set_column(MIXING_COLUMN, self._ilisi)
+        if "report" in result:
+            self._report = result["report"]
+            self._stale = ""
+            self.metrics_status.setText(self._report_summary())
+        self._fill_metrics()
+        self._recolor()
+
+    def _on_analysis_error(self, exc: Exception) -> None:
+        self.metrics_status.setText(f"Could not compute the metrics: {exc}")
+
+    def _report_summary(self) -> str:
+        report = self._report
+        if report is None:
+            return ""
+        excluded = report.get("excluded_labels") or {}
+        text = (
+            f"{report['n_cells']:,} cells in {len(report['batches'])} batches "
+            f"({', '.join(report['batches'])}); cell types mixed: "
+            f"{', '.join(report.get('mixing_labels') or []) or 'none'}."
+        )
+        if excluded:
+            text += " Left out of the averages: " + ", ".join(
+                f"{k} ({v})" for k, v in excluded.items()
+            )
+        return text
+
+    def _fill_metrics(self) -> None:
+        from napari_hemofm.core.batch import METRIC_INFO
+
+        table = self.metrics_table
+        before = self._report
+        method = self.correction
+        after = self._previews[method].report if method in self._previews else None
+        table.clear()
+        if before is None:
+            table.setRowCount(0)
+            table.setColumnCount(0)
+            return
+        metrics = [k for k in METRIC_INFO if k in before["metrics"]]
+        per_label = before.get("per_label") or {}
+        rows = ["all", *per_label]
+        columns = ["cells", *metrics]
+        table.setRowCount(len(rows))
+        table.setColumnCount(len(columns))
+        for j, name in enumerate(columns):
+            item = QTableWidgetItem(name)
+            if name in METRIC_INFO:
+                direction, meaning = METRIC_INFO[name]
+                item.setToolTip(f"{name}: {meaning}\n({direction})")
+            else:
+                item.setToolTip("cells scored (per type: cells of that type in each batch)")
+            table.setHorizontalHeaderItem(j, item)
+        bold = table.font()
+        bold.setBold(True)
+        for i, row in enumerate(rows):
+            head = QTableWidgetItem(row)
+            if row == "all":
+                head.setFont(bold)
+                head.setToolTip("all cells: the mean over the cell types mixed")
+            elif not per_label[row].get("mixing", True):
+                head.setToolTip(f"not scored: {per_label[row].get('excluded', '')}")
+            table.setVerticalHeaderItem(i, head)
+            if row == "all":
+                entry, entry_after = before["metrics"], after["metrics"] if after else None
+                count = before["n_cells"]
+                count_tip = ", ".join(before["batches"])
+            else:
+                entry = per_label[row]
+                entry_after = (after.get("per_label") or {}).get(row) if after else None
+                count = entry.get("n_cells", 0)
+                count_tip = ", ".join(f"{b}: {c}" for b, c in entry.get("batches", {}).items())
+                if not entry.get("mixing", True):
+                    count_tip += f" - not scored: {entry.get('excluded', '')}"
+            item = QTableWidgetItem(f"{count:,}")
+            item.setToolTip(count_tip)
+            table.setItem(i, 0, item)
+            for j, name in enumerate(metrics, start=1):
+                value = entry.get(name)
+                text = _fmt(value)
+                item = QTableWidgetItem(text)
+                direction, meaning = METRIC_INFO[name]
+                tip = f"{name} ({direction}): {meaning}"
+                ideal = entry.get(f"{name}_ideal")
+                if isinstance(ideal, float):
+                    tip += f". Best reachable with these batch sizes: {ideal:.2f}"
+                if entry_after is not None:
+                    new = entry_after.get(name)
+                    if text != "-" or _fmt(new) != "-":
+                        item.setText(f"{text} \u2192 {_fmt(new)}")
+                    if isinstance(value, float) and isinstance(new, float):
+                        delta = (new - value) * _better(direction)
+                        if delta > 0.01:
+                            item.setForeground(QColor("#4caf50"))
+                        elif delta < -0.01:
+                            item.setForeground(QColor("#e57373"))
+                    tip = f"before -> after '{method}'. " + tip
+                item.setToolTip(tip)
+                item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
+                if row == "all":
+                    item.setFont(bold)
+                table.setItem(i, j, item)
+
+    # -------------------------------------------------------- correction
+    def _on_correction_changed(self, _index: int) -> None:
+        method = self.correction
+        self.keep_button.setEnabled(method in self._previews)
+        if method == "none" or method in self._previews:
+            self._load_layout(fit=True)
+            self._fill_metrics()
+            return
+        self._start_preview(method)
+
+    def _start_preview(self, method: str) -> None:
+        old = self._workers.pop("preview", None)
+        if old is not None:
+            old.quit()
+        snap = self._snapshot()
+        if snap is None:
+            self._preview_error[method] = "no embeddings"
+            self._update_status()
+            return
+        self._preview_error.pop(method, None)
+        self._start(
+            "preview",
+            _preview,
+            snap,
+            method,
+            self._report is None,
+            returned=functools.partial(self._on_preview, method),
+            snap=snap,
+            errored=functools.partial(self._on_preview_error, method),
+        )
+        self.metrics_busy.show()
+        self._update_status()
+
+    def _on_preview(self, method: str, snap: _Snapshot, result: dict[str, Any]) -> None:
+        if not self._current(snap):
+            return
+        self._previews[method] = _Preview(
+            X=result["X"],
+            coords=result["coords"],
+            ilisi=result["ilisi"],
+            report=result["report"],
+            done=snap.done,
+        )
+        if "before" in result and self._report is None:
+            self._apply_analysis(result["before"])
+        if self.correction == method:
+            self.keep_button.setEnabled(True)
+            self._load_layout(fit=True)
+            self._fill_metrics()
+
+    def _on_preview_error(self, method: str, exc: Exception) -> None:
+        self._preview_error[method] = f"{type(exc).__name__}: {exc}"
+        self._update_status()
+
+    def keep_preview(self) -> None:
+        """Store the previewed correction as ``obsm["X_embed_<method>"]`` (X_embed stays)."""
+        method = self.correction
+        preview = self._previews.get(method)
+        if preview is None:
+            return
+        table = self.table
+        full = np.full((table.n_cells, preview.X.shape[1]), np.nan, dtype=np.float32)
+        full[preview.done] = preview.X
+        table.set_obsm(f"X_embed_{method}", full)
+        self.status.setText(
+            f"Kept the '{method}' correction as obsm['X_embed_{method}']; X_embed is unchanged."
+        )
+
+    # -------------------------------------------------------- appearance
+    def _on_tab_changed(self, index: int) -> None:
+        widget = self.tabs.widget(index)
+        if widget is self.plots and self.appearance is None and "measure" not in self._workers:
+            self.compute_appearance()
+
+    def compute_appearance(self, per_batch: int = APPEARANCE_PER_BATCH) -> None:
+        """Measure stain and size of a seeded sample of cells per batch, in a worker."""
+        if "measure" in self._workers:
+            return
+        table = self.table
+        if table.n_cells == 0:
+            self.plots.status.setText("No cells yet.")
+            return
+        rng = np.random.default_rng(0)
+        batch_col = table.obs["batch"].astype(object).to_numpy()
+        rows = []
+        for b in table.batches:
+            members = np.flatnonzero(batch_col == b)
+            rows.append(rng.permutation(members)[:per_batch])
+        rows = np.sort(np.concatenate(rows)).astype(np.int64)
+        obs = table.obs[["source", "batch", "x0", "y0", "x1", "y1"]].copy()
+        pixel = table.meta.get("pixel_size_um")
+        self._measure_cancel = False
+        relay = self._relay
+        lifeline = self._lifeline
+
+        def progress(done: int, total: int) -> None:
+            if lifeline.alive:
+                relay.progress.emit(done, total)
+
+        def cancel() -> bool:
+            return self._measure_cancel or not lifeline.alive
+
+        self._start(
+            "measure",
+            _measure,
+            obs,
+            rows,
+            dict(self.session.images),
+            None if pixel is None else float(pixel),
+            progress,
+            cancel,
+            returned=functools.partial(self._on_measured, table),
+            errored=lambda exc: self.plots.status.setText(f"Measuring failed: {exc}"),
+        )
+        self.plots.progress.setRange(0, len(rows))
+        self.plots.progress.setValue(0)
+        self.plots.progress.show()
+        self.plots.measure_button.setEnabled(False)
+        self.plots.status.setText(
+            f"Measuring {len(rows):,} cells (up to {per_batch} per batch)..."
+        )
+
+    def _on_measure_progress(self, done: int, total: int) -> None:
+        self.plots.progress.setRange(0, total)
+        self.plots.progress.setValue(done)
+
+    def _on_measured(self, table: CellTable, frame: pd.DataFrame) -> None:
+        if table is not self.table:
+            return
+        self.appearance = frame
+        ok = int(frame["segmented"].sum())
+        batches = [b for b in self.table.batches if (frame["batch"].astype(str) == b).any()]
+        medians = frame[frame["segmented"]].groupby(frame["batch"].astype(str))
+        parts = []
+        for b in batches:
+            if b in medians.groups:
+                g = medians.get_group(b)
+                parts.append(
+                    f"{b}: hue {g['cell_hue_deg'].median():.0f} deg, "
+                    f"OD {g['cell_od'].median():.2f}, nucleus OD {g['nucleus_od'].median():.2f}"
+                )
+        self.plots.status.setText(
+            f"{ok:,} of {len(frame):,} sampled cells segmented. Medians: " + "; ".join(parts)
+        )
+        self.plots.plot(frame, batches, self.batch_colors())
+
+    # ------------------------------------------------------------ workers
+    def _start(
+        self,
+        name: str,
+        fn: Callable,
+        *args: Any,
+        returned: Callable,
+        snap: _Snapshot | None = None,
+        errored: Callable | None = None,
+    ) -> None:
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(fn, *args, _start_thread=False)
+        wrap = self._lifeline.wrap
+        if snap is not None:
+            worker.returned.connect(wrap(functools.partial(returned, snap)))
+        else:
+            worker.returned.connect(wrap(returned))
+        worker.errored.connect(wrap(errored or self._on_worker_error))
+        worker.finished.connect(wrap(functools.partial(self._on_worker_finished, name, worker)))
+        self._lifeline.track(worker)
+        self._workers[name] = worker
+        start_worker(worker)
+
+    def _on_worker_error(self, exc: Exception) -> None:
+        self.error = f"{type(exc).__name__}: {exc}"
+        self._update_status()
+
+    def _on_worker_finished(self, name: str, worker: Any) -> None:
+        if self._workers.get(name) is worker:
+            del self._workers[name]
+        if name in ("analyse", "preview") and not ({"analyse", "preview"} & set(self._workers)):
+            self.metrics_busy.hide()
+            self.compute_button.setEnabled(True)
+        if name == "analyse" and self._want_report:
+            self._start_analysis(want_report=True)
+        if name == "measure":
+            self.plots.progress.hide()
+            self.plots.measure_button.setEnabled(True)
+        self._update_status()
+
+    # -------------------------------------------------------- table events
+    def _on_table_replaced(self, table: CellTable) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_table_replaced, table):
+            return
+        self._attach_table(table)
+
+    def _on_cells_added(self, start: int, stop: int) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_cells_added, start, stop):
+            return
+        self._invalidate("cells")
+        self.appearance = None
+        self._load_layout()
+        self._grid_timer.start()
+
+    def _on_labels_changed(self, cell_ids: Any, labels: Any) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_labels_changed, cell_ids, labels):
+            return
+        self._labels_moved()
+
+    def _labels_moved(self) -> None:
+        self._recolor()
+        if self._report is not None and not self._stale:
+            self._stale = "labels changed"
+            self.metrics_status.setText(
+                "Cell types changed since the metrics were computed: press Compute to update."
+            )
+        self._grid_timer.start()
+
+    def _on_columns_changed(self, names: Sequence[str]) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_columns_changed, names):
+            return
+        names = set(names)
+        if "batch" in names:
+            self._invalidate("batch")
+            self._category_index.pop("batch", None)
+            self._recolor()
+            self._grid_timer.start()
+        elif "prediction" in names:
+            self._labels_moved()
+
+    def _on_classes_changed(self, classes: Sequence[str]) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_classes_changed, classes):
+            return
+        self._recolor()
+        self._grid_timer.start()
+
+    def _on_embeddings_changed(self, key: str) -> None:
+        if not _bridge_if_needed(self._bridge, self._on_embeddings_changed, key):
+            return
+        if key == "X_umap":
+            self._load_layout(fit=True)
+        elif key == "X_embed":
+            self._invalidate("embeddings")
+            self._load_layout(fit=True)
+
+    # ----------------------------------------------------------- closing
+    def closeEvent(self, event) -> None:
+        """Stop background work and stop listening to the session."""
+        self._shutdown()
+        super().closeEvent(event)
+
+    def _shutdown(self) -> None:
+        self._grid_timer.stop()
+        self._measure_cancel = True
+        self.grid.stop()
+        for worker in list(self._workers.values()):
+            worker.quit()
+        _disconnect_groups(self._slots)
+        self._lifeline.cut()
