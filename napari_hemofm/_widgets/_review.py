@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
     QDoubleSpinBox,
+    QFileDialog,
     QGroupBox,
     QHBoxLayout,
     QHeaderView,
@@ -432,9 +433,25 @@ class ReviewWidget(QWidget):
         self.busy_bar.setTextVisible(False)
         self.busy_bar.setToolTip("Retraining the probe...")
         self.busy_bar.hide()
+        self.probe_file_button = QToolButton()
+        self.probe_file_button.setText("Probe file ▾")
+        self.probe_file_button.setStyleSheet(
+            "QToolButton::menu-indicator { image: none; width: 0px; }"
+        )
+        self.probe_file_button.setToolTip(
+            "Save the trained probe (.npz, no pickle), or learn also from the labelled "
+            "cells of a probe saved in another project"
+        )
+        self.probe_file_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        probe_menu = QMenu(self.probe_file_button)
+        probe_menu.addAction("Save probe...", self._ask_save_probe)
+        probe_menu.addAction("Learn also from a saved probe...", self._ask_use_reference)
+        probe_menu.addAction("Forget the saved probe", lambda: self.use_reference(None))
+        self.probe_file_button.setMenu(probe_menu)
         metrics = QHBoxLayout()
         metrics.addWidget(self.metrics_label, 1)
         metrics.addWidget(self.busy_bar)
+        metrics.addWidget(self.probe_file_button)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.status.setStyleSheet("color: #a0a4ab;")
@@ -1235,6 +1252,44 @@ class ReviewWidget(QWidget):
             self._say(str(exc))
 
     # ---------------------------------------------------------------- misc
+    # ------------------------------------------------------------ probe files
+    def save_probe(self, path: str) -> str:
+        """Save the trained probe to ``path`` (``.npz``: arrays and JSON, no pickle)."""
+        probe = self.review.probe
+        if probe is None:
+            self._say("No probe yet: label cells of at least two classes first.")
+            return ""
+        probe.model = self.review.table.meta.get("model")
+        written = str(probe.save(path))
+        self._say(f"Probe saved to {written}")
+        return written
+
+    def use_reference(self, path: str | None) -> int:
+        """Learn also from the labelled cells of a saved probe (None forgets it)."""
+        try:
+            n = self.review.use_reference(path)
+        except (OSError, ValueError) as exc:
+            self._say(f"Could not use {path}: {exc}")
+            return 0
+        if path is None:
+            self._say("The saved probe's cells no longer vote.")
+        else:
+            self._say(
+                f"{n} labelled cells of {self.review.reference[2]} now train the probe "
+                "too (never shown or counted); retraining..."
+            )
+        return n
+
+    def _ask_save_probe(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save probe", "probe.npz", "Probe (*.npz)")
+        if path:
+            self.save_probe(path)
+
+    def _ask_use_reference(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Saved probe", "", "Probe (*.npz)")
+        if path:
+            self.use_reference(path)
+
     def _say(self, text: str) -> None:
         self.status.setText(text)
 

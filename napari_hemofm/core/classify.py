@@ -974,6 +974,20 @@ class LiveProbe:
             raise RuntimeError("the probe is not fitted: call fit(X, labels) first")
         return self._train_X, self._train_y
 
+    def training_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """The labelled cells the probe learned from (also after :meth:`load`).
+
+        Returns
+        -------
+        X : ndarray of shape (n_labelled, dim), float32
+            Their embeddings (unit length for a cosine probe).
+        labels : ndarray of shape (n_labelled,), object
+            Their class names.
+        """
+        X, codes = self._training_set()
+        names = np.asarray(self.classes_, dtype=object)
+        return np.asarray(X, dtype=np.float32), names[np.asarray(codes, dtype=np.int64)]
+
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
         """Write the probe to an ``.npz`` file (no pickled objects).

@@ -147,6 +147,9 @@ class Review:
         stored = table.meta.get(THRESHOLD_KEY)
         self._threshold = float(threshold if threshold is not None else (stored or 0.5))
         self.probe: LiveProbe | None = None
+        #: Labelled cells from elsewhere (a saved probe's training set) that the probe
+        #: learns from besides this table's labels: ``(X, labels, name)`` or None.
+        self.reference: tuple[np.ndarray, np.ndarray, str] | None = None
         self._undo: list[_Step] = []
         self._redo: list[_Step] = []
         self._pending: dict[int, None] = {}
@@ -490,6 +493,10 @@ class Review:
         if X is None:
             return lambda: None
         labels = self._labels_array()
+        if self.reference is not None:
+            # reference cells sit after the table's rows: table row i is probe row i
+            X = np.concatenate([X, self.reference[0]])
+            labels = np.concatenate([labels, self.reference[1]])
         k = self.effective_k(labels)
         probe = self.probe
         if probe is not None and self._kind == "knn" and probe.k != k:
@@ -548,16 +555,81 @@ class Review:
             return
         probe, update = result
         self.probe = probe
-        if update is None or self.table.n_cells != len(probe.prediction):
+        n = self.table.n_cells
+        if update is None or n + self._n_reference != len(probe.prediction):
             return  # cells were added meanwhile: the next (full) step covers them
         rows = np.asarray(update.rows, dtype=np.int64)
         if update.full:
-            self.table.set_predictions(None, probe.prediction, probe.confidence)
-            rows = np.arange(self.table.n_cells, dtype=np.int64)
+            self.table.set_predictions(None, probe.prediction[:n], probe.confidence[:n])
+            rows = np.arange(n, dtype=np.int64)
         elif len(rows):
+            keep = rows < n
+            rows = rows[keep]
+            update = type(update)(rows, update.prediction[keep], update.confidence[keep], False)
+        if len(rows) and not update.full:
             self.table.set_predictions(rows, update.prediction, update.confidence)
         if len(rows):
             self.events.predictions_changed.emit(rows)
+
+    @property
+    def _n_reference(self) -> int:
+        return 0 if self.reference is None else len(self.reference[1])
+
+    def use_reference(self, probe: LiveProbe | str | Path | None) -> int:
+        """Learn also from the labelled cells of a saved probe (e.g. another lab's).
+
+        The probe file's training cells (embeddings and labels, see
+        :meth:`~.classify.LiveProbe.training_data`) join this table's labelled cells
+        as voters / training data; they are never shown or counted. This is how a
+        probe trained on one project predicts another, and then adapts as cells of
+        the new project are labelled. ``None`` drops the reference.
+
+        Parameters
+        ----------
+        probe : LiveProbe, str, Path or None
+            A probe or a ``.npz`` file written by :meth:`LiveProbe.save`.
+
+        Returns
+        -------
+        int
+            Number of reference cells in use.
+
+        Raises
+        ------
+        ValueError
+            If the file is not a probe, its embedding dimension or backbone differs from
+            this table's, or it was saved with the cosine metric while this review uses
+            Euclidean distances.
+        """
+        from napari_hemofm.core.classify import LiveProbe
+
+        if probe is None:
+            self.reference = None
+        else:
+            name = "probe"
+            if not isinstance(probe, LiveProbe):
+                name = Path(probe).name
+                probe = LiveProbe.load(probe)
+            X_ref, labels = probe.training_data()
+            X = self.table.embeddings
+            if X is not None and X_ref.shape[1] != X.shape[1]:
+                raise ValueError(
+                    f"{name} holds {X_ref.shape[1]}-d embeddings; this project's are "
+                    f"{X.shape[1]}-d: the probe comes from another backbone"
+                )
+            ours = self.table.meta.get("model")
+            if probe.model and ours and probe.model != ours:
+                raise ValueError(
+                    f"{name} was trained on {probe.model} embeddings; these are {ours}"
+                )
+            if probe.metric == "cosine" and self._metric != "cosine":
+                raise ValueError(
+                    f"{name} stores unit-length (cosine) embeddings: set metric='cosine'"
+                )
+            self.reference = (X_ref, np.asarray(labels, dtype=object), name)
+        self._needs_full = True
+        self.events.settings_changed.emit()
+        return self._n_reference
 
     def retrain(self) -> ProbeUpdate | None:
         """Bring the probe and every prediction up to date now (blocking).
@@ -682,8 +754,15 @@ class Review:
 
         X, labels = self._features()
         coords = self.table.adata.obsm.get("X_umap")
+        if self.reference is not None:  # probe rows = table rows + reference rows
+            X = np.concatenate([X, self.reference[0]])
+            labels = np.concatenate([labels, self.reference[1]])
+            if coords is not None:
+                coords = np.concatenate([coords, np.full((self._n_reference, 2), np.nan)])
         with self._probe_lock:
             rows = label_next(self.probe, X, labels, n, seed=seed, coords=coords)
+        rows = np.asarray(rows, dtype=np.int64)
+        rows = rows[rows < self.table.n_cells]  # reference cells are labelled anyway
         return self.table.cell_ids[np.asarray(rows, dtype=np.int64)].tolist()
 
     def suspects(self, n: int = 20) -> list[str]:

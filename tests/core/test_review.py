@@ -247,3 +247,39 @@ def test_rename_merge_and_their_undo_keep_predictions_equal_to_a_fresh_fit():
         now = table.obs["prediction"].astype(object).to_numpy()
         np.testing.assert_array_equal(now, fresh())
         assert set(now) <= set(review.classes)
+
+
+def test_a_saved_probe_predicts_another_project_and_adapts_to_its_labels(tmp_path):
+    """A probe saved from one project, used as reference on an unlabelled project of the same
+    cell types, predicts its cells; labels added there then count too (equal to a fresh fit
+    with the same reference); a probe of another dimension is refused."""
+    source, _ = blob_table(seed=0, labelled_per=12)
+    r1 = Review(source)
+    r1.retrain()
+    path = r1.probe.save(tmp_path / "probe.npz")
+
+    target, truth = blob_table(seed=0, labelled_per=0)
+    r2 = Review(target)
+    assert r2.use_reference(path) == 36
+    r2.retrain()
+    pred = target.obs["prediction"].astype(object).to_numpy()
+    assert (pred == truth).mean() > 0.95
+    assert len(pred) == target.n_cells  # reference cells are never shown
+    blob = np.flatnonzero(truth == "monocyte")
+    r2.relabel(blob[:25], "promonocyte")
+    r2.retrain()
+    assert (target.obs["prediction"].astype(object).to_numpy()[blob[25:]] == "promonocyte").all()
+    assert set(r2.label_next(5)) <= set(target.cell_ids[target.obs["label"].isna().to_numpy()])
+
+    fresh = Review(CellTable(target.adata.copy()))
+    fresh.use_reference(path)
+    fresh.retrain()
+    np.testing.assert_array_equal(
+        fresh.table.obs["prediction"].astype(object).to_numpy(),
+        target.obs["prediction"].astype(object).to_numpy(),
+    )
+    other, _ = blob_table(seed=0, dim=5)
+    with pytest.raises(ValueError, match="-d"):
+        Review(other).use_reference(path)
+    r2.use_reference(None)
+    assert r2.reference is None

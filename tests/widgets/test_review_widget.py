@@ -645,3 +645,27 @@ def test_gallery_is_reusable_without_a_viewer(qtbot):
     qtbot.keyClick(g.sections["Neutrophil"].view, Qt.Key.Key_3)
     qtbot.keyClick(g.sections["Neutrophil"].view, Qt.Key.Key_Backspace)
     assert keys == [("key", 3), ("clear", None)]
+
+
+def test_a_saved_probe_file_trains_the_probe_of_another_session(review_widget, qtbot, tmp_path):
+    """Save probe writes an .npz; in a session whose labels are all removed, using that file
+    makes the probe predict again (its cells vote, they are not shown); forgetting it and
+    a broken file leave a clear message."""
+    w = review_widget
+    path = w.save_probe(str(tmp_path / "probe.npz"))
+    assert path.endswith(".npz")
+    table = w.table
+    labelled = np.flatnonzero(table.obs["label"].notna().to_numpy())
+    w.review.relabel(labelled, None)
+    settle(qtbot, w)
+    assert table.obs["prediction"].isna().all()  # nothing labelled: no probe
+    assert w.use_reference(path) == len(labelled)
+    settle(qtbot, w)
+    assert table.obs["prediction"].notna().all()
+    assert sum(len(rows) for rows in gallery_sections(w).values()) == table.n_cells
+    (tmp_path / "junk.npz").write_bytes(b"not a probe")
+    assert w.use_reference(str(tmp_path / "junk.npz")) == 0
+    assert "Could not use" in w.status.text()
+    w.use_reference(None)
+    settle(qtbot, w)
+    assert table.obs["prediction"].isna().all()
