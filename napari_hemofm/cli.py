@@ -481,11 +481,12 @@ def run_demo(
     viewer.window.resize(1600, 1000)  # room for the image beside the two panels
     viewer.open_sample("napari-hemofm", "synthetic_smears")
     _, embed = viewer.window.add_plugin_dock_widget("napari-hemofm", "Embed cells")
+    # the Review shares the Embed panel's place (a tab), raised once the cells are in
+    review_dock, _ = viewer.window.add_plugin_dock_widget("napari-hemofm", "Review", tabify=True)
     _, cell_map = viewer.window.add_plugin_dock_widget("napari-hemofm", "Cell map")
-    viewer.window.add_plugin_dock_widget("napari-hemofm", "Review", tabify=True)
     cell_map.set_color_by("batch")  # nothing is labelled yet: show the three labs
     embed.model_combo.setCurrentText("handcrafted")
-    seeded = _seed_when_embedded(viewer, embed)
+    seeded = _seed_when_embedded(viewer, embed, review_dock)
     embed.run()
     if run:
         napari.run()
@@ -555,7 +556,7 @@ def seed_demo_labels(viewer) -> dict[str, str]:
     return chosen
 
 
-def _seed_when_embedded(viewer, embed) -> Callable[[], bool]:
+def _seed_when_embedded(viewer, embed, review_dock=None) -> Callable[[], bool]:
     """Seed the demo's labels once the Embed panel is done; returns ``done()``."""
     from qtpy.QtCore import QTimer
 
@@ -571,6 +572,8 @@ def _seed_when_embedded(viewer, embed) -> Callable[[], bool]:
             return
         timer.stop()
         seed_demo_labels(viewer)
+        if review_dock is not None:
+            review_dock.raise_()
         state["done"] = True
 
     timer.timeout.connect(check)

@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
     QMenu,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QSlider,
     QSplitter,
     QTableWidget,
@@ -465,7 +466,10 @@ class ReviewWidget(QWidget):
 
         splitter = QSplitter(Qt.Orientation.Vertical)
         splitter.addWidget(self.gallery)
-        splitter.addWidget(self._build_counts())
+        counts = self._build_counts()
+        # the count panel keeps its natural height; extra height goes to the gallery
+        counts.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
+        splitter.addWidget(counts)
         splitter.setStretchFactor(0, 4)
         splitter.setStretchFactor(1, 1)
         splitter.setChildrenCollapsible(True)
