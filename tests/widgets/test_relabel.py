@@ -114,3 +114,26 @@ def test_a_correction_retrains_the_probe_and_updates_predictions_everywhere(
     assert not state.errors
     state.wait_idle(qtbot)
     assert review.last_metrics.get("balanced_accuracy", 0) > 0.5
+
+
+def test_key_presses_reach_the_cells_layer_before_napari_s_mode_shortcuts(viewer_with_cells):
+    """Through napari's own key dispatch (the canvas keymap handler), 3 on an active cells
+    layer labels the selected cells instead of switching the layer to select mode, and
+    Ctrl+Z undoes it."""
+    viewer, session, _state = viewer_with_cells
+    layer = viewer.layers["smear_b cells"]
+    viewer.layers.selection.active = layer
+    target = get_review(viewer).class_for_key(3)
+    rows = get_layer_sync(viewer).rows_of(layer)
+    rows = rows[labels_of(session.table)[rows] != target][:3]
+    session.select(rows)
+    before = labels_of(session.table)
+    mode = layer.mode
+    handler = viewer.window._qt_viewer.canvas._key_map_handler
+    handler.press_key("3")
+    handler.release_key("3")
+    assert (labels_of(session.table)[rows] == target).all()
+    assert layer.mode == mode
+    handler.press_key("Control-Z")
+    handler.release_key("Control-Z")
+    np.testing.assert_array_equal(labels_of(session.table), before)
