@@ -759,8 +759,16 @@ class BatchViewWidget(QWidget):
 
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.layer_mixing_check = QCheckBox("Mixing on the cells layers")
+        self.layer_mixing_check.setToolTip(
+            "Fill the points of the image's cells layers by per-cell mixing (iLISI, "
+            "viridis: dark = surrounded by its own lab, bright = well mixed); the border "
+            "keeps the label colour. Needs the metrics (Compute)."
+        )
+        self.layer_mixing_check.toggled.connect(self.set_layer_mixing)
         status_row = QHBoxLayout()
         status_row.addWidget(self.status, 1)
+        status_row.addWidget(self.layer_mixing_check)
         status_row.addWidget(self.umap_button)
 
         self.left = _MapPanel("Batch", "batch", background)
@@ -1136,6 +1144,25 @@ class BatchViewWidget(QWidget):
         self.status.setText(text)
         for panel in (self.left, self.right):
             panel.canvas.set_message("" if shown else ("no map yet" if n else "no cells"))
+
+    def set_layer_mixing(self, on: bool) -> bool:
+        """Fill the cells layers' points by the ``ilisi`` column (True) or by label.
+
+        Returns whether the layers now show mixing (False while the metrics have not
+        written the column yet: the box is then unchecked with a note).
+        """
+        from napari_hemofm._widgets._layers import get_layer_sync
+
+        sync = get_layer_sync(self.viewer)
+        shown = bool(on) and MIXING_COLUMN in self.table.obs.columns
+        if on and not shown:
+            self.status.setText("Compute the metrics first: they give each cell its mixing.")
+        sync.face_column = MIXING_COLUMN if shown else None
+        if self.layer_mixing_check.isChecked() != shown:
+            self.layer_mixing_check.blockSignals(True)
+            self.layer_mixing_check.setChecked(shown)
+            self.layer_mixing_check.blockSignals(False)
+        return shown
 
     def _on_number_key(self, key: int) -> None:
         from napari_hemofm._widgets._review_state import get_retrainer

@@ -81,6 +81,7 @@ _CATEGORICAL = ("label", "prediction", "batch")
 #: Border colour of an unlabelled cell (RGBA): the map's "no value" grey.
 UNLABELLED_COLOR = (0.5, 0.5, 0.5, 1.0)
 _FACE_ALPHA = 0.18
+_COLUMN_FACE_ALPHA = 0.6  # a numeric column's fill (face_column) must read at a glance
 _BORDER_WIDTH = 0.02  # relative to the point size
 _POINT_FRACTION = 0.8  # point diameter over the crop side: a ring around the cell
 
@@ -259,6 +260,7 @@ class CellsLayerSync:
         self._viewer_ref = weakref.ref(viewer)
         self.session: CellSession = get_session(viewer)
         self._show_numbers = bool(show_numbers)
+        self._face_column: str | None = None
         self._views: dict[str, _View] = {}
         self._view_of_row = np.zeros(0, dtype=np.int64)  # index into _order, -1 = none
         self._point_of_row = np.zeros(0, dtype=np.int64)
@@ -276,6 +278,23 @@ class CellsLayerSync:
         self.refresh()
 
     # ------------------------------------------------------------------ public
+    @property
+    def face_column(self) -> str | None:
+        """Numeric column that fills the points (viridis), or None: filled by label.
+
+        The border always shows the label. Used for per-cell mixing (``ilisi``, scaled
+        0-1 by definition: its colours are absolute) and any other numeric column
+        (scaled to its range). Cells without a value have an empty face.
+        """
+        return self._face_column
+
+    @face_column.setter
+    def face_column(self, name: str | None) -> None:
+        if name is not None and name not in self.session.table.obs.columns:
+            raise KeyError(f"no column {name!r} in the cell table")
+        self._face_column = name
+        self._recolor_faces()
+
     @property
     def viewer(self) -> napari.viewer.Viewer | None:
         """The viewer (None once it is gone)."""
@@ -434,7 +453,33 @@ class CellsLayerSync:
         return _column_values(self.session.table, name, rows)
 
     def _colors(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return cell_colors(self.session.table, rows)
+        face, border = cell_colors(self.session.table, rows)
+        if self._face_column is not None:
+            face = self._column_faces(rows)
+        return face, border
+
+    def _column_faces(self, rows: np.ndarray) -> np.ndarray:
+        from napari.utils.colormaps import ensure_colormap
+
+        obs = self.session.table.obs
+        if self._face_column not in obs.columns:
+            return np.zeros((len(rows), 4))
+        values = pd.to_numeric(obs[self._face_column], errors="coerce").to_numpy(float)
+        finite = np.isfinite(values)
+        if self._face_column == "ilisi" or not finite.any():
+            lo, hi = 0.0, 1.0
+        else:
+            lo, hi = float(values[finite].min()), float(values[finite].max())
+        v = values[np.asarray(rows, dtype=np.int64)]
+        scaled = np.clip((v - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+        face = np.asarray(ensure_colormap("viridis").map(np.nan_to_num(scaled)), float)
+        face[:, 3] = np.where(np.isfinite(v), _COLUMN_FACE_ALPHA, 0.0)
+        return face
+
+    def _recolor_faces(self) -> None:
+        for view in self._views.values():
+            face, _ = self._colors(view.rows)
+            view.points.face_color = face
 
     def _build_view(self, image: Image, key: str, rows: np.ndarray) -> None:
         """Create or update the ``cells`` layer of ``image``."""
@@ -606,7 +651,8 @@ class CellsLayerSync:
             features.iloc[idx, features.columns.get_loc("label")] = labels[sel]
             # write only these rows in place, then one event per array redraws the layer
             # (about 50 ms at 100k points, against 100 ms for assigning whole arrays)
-            points.face_color[idx] = face[sel]
+            if self._face_column is None:  # else the face shows a column, not the label
+                points.face_color[idx] = face[sel]
             points.border_color[idx] = border[sel]
             points.events.features()
             points.events.face_color()
@@ -616,6 +662,9 @@ class CellsLayerSync:
         if not self._main.here():
             self._main.post(self._on_columns_changed, names)
             return
+        names = list(names)
+        if self._face_column is not None and self._face_column in names:
+            self._recolor_faces()
         wanted = [n for n in names if n in (*FEATURE_COLUMNS, *_OPTIONAL_FEATURES)]
         if not wanted:
             return

@@ -222,6 +222,21 @@ def test_mixing_column_reaches_table_layers_and_map(batch_widget, qtbot):
     assert colors[lo] != colors[hi]
     assert w.right.legend_bar.isVisibleTo(w)
     assert "mixing" in w.right.legend.text()
+    # the same values fill the cells layer's points (viridis, absolute 0-1); borders keep
+    # the label; switching it off brings back the label fill
+    from napari.utils.colormaps import ensure_colormap
+
+    label_face = np.array(layer.face_color, copy=True)
+    border = np.array(layer.border_color, copy=True)
+    assert w.set_layer_mixing(True)
+    v = values[rows]
+    ok = np.isfinite(v)
+    expected = ensure_colormap("viridis").map(np.clip(v[ok], 0, 1))[:, :3]
+    np.testing.assert_allclose(layer.face_color[ok, :3], expected, atol=1e-6)
+    assert (layer.face_color[~ok, 3] == 0).all()
+    np.testing.assert_allclose(layer.border_color, border)
+    w.set_layer_mixing(False)
+    np.testing.assert_allclose(layer.face_color, label_face)
 
 
 def test_grid_has_one_row_per_batch_and_clicks_select(batch_widget, qtbot):
