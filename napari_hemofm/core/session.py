@@ -1,8 +1,8 @@
 """A review session: the cell table, its in-memory images, thumbnails and one shared selection.
 
 Every view of the app (the ``cells`` Points layers, the cell map, the thumbnail strip,
-later the gallery) holds a reference to one :class:`CellSession` and listens to its
-signals; none keeps a selection of its own. A view that changes the selection passes
+the Review gallery, the Batch view) holds a reference to one :class:`CellSession` and
+listens to its signals; none keeps a selection of its own. A view that changes the selection passes
 its own name as ``origin`` so that it can ignore the echo of its own change.
 The session is GUI-free: the napari side (``_widgets``) keeps one per viewer.
 """
