@@ -38,7 +38,11 @@ Random ranking would give a precision of 0.05.
 - ``probes_suspects.png``: precision of the top N suspects vs N after the 5 % flips of
   (b), kNN and linear, mean +- sd over the seeds (N up to the shortest suspect list).
 
+``--strategy hybrid`` runs the queue arms with ``label_next(..., strategy="hybrid")``
+(half of the pool least sure, half novel cells far from every labelled cell).
+
 Run:  python benchmarks/bench_label_queues.py [--project PATH] [--seeds 5] [--plot DIR]
+      [--strategy uncertain|hybrid]
 """
 
 from __future__ import annotations
@@ -89,7 +93,9 @@ def sd(a: np.ndarray) -> str:
     return f" +- {a.std(ddof=1):.3f}" if len(a) > 1 else ""
 
 
-def queue_experiment(X, truth, batch, *, seeds: int, k: int, kind: str) -> dict[str, list]:
+def queue_experiment(
+    X, truth, batch, *, seeds: int, k: int, kind: str, strategy: str = "uncertain"
+) -> dict[str, list]:
     from napari_hemofm.core.classify import LiveProbe, label_next
 
     new = np.flatnonzero(batch == NEW_LAB)
@@ -112,17 +118,17 @@ def queue_experiment(X, truth, batch, *, seeds: int, k: int, kind: str) -> dict[
         # one round of 20
         p = LiveProbe(kind, k=k)
         p.fit(X, start)
-        rows = label_next(p, X, start, 20, seed=seed)
+        rows = label_next(p, X, start, 20, seed=seed, strategy=strategy)
         add(p, rows)
         arms["queue (label_next), 1 x 20"] = score(p, rows)
         # two rounds of 10
         p = LiveProbe(kind, k=k)
         p.fit(X, start)
         labels = start.copy()
-        first = label_next(p, X, labels, 10, seed=seed)
+        first = label_next(p, X, labels, 10, seed=seed, strategy=strategy)
         add(p, first)
         labels[first] = truth[first]
-        second = label_next(p, X, labels, 10, seed=seed + 1000)
+        second = label_next(p, X, labels, 10, seed=seed + 1000, strategy=strategy)
         add(p, second)
         arms["queue (label_next), 2 x 10"] = score(p, np.r_[first, second])
         # random
@@ -194,7 +200,16 @@ def scored_classes(truth: np.ndarray, batch: np.ndarray) -> list[str]:
 
 
 def learning_curve(
-    X, truth, batch, *, seeds: int, k: int, kind: str, steps=STEPS, round_size: int = 5
+    X,
+    truth,
+    batch,
+    *,
+    seeds: int,
+    k: int,
+    kind: str,
+    steps=STEPS,
+    round_size: int = 5,
+    strategy: str = "uncertain",
 ) -> dict[str, np.ndarray]:
     """Balanced accuracy on the unlabelled new-lab cells as new-lab labels are added.
 
@@ -230,7 +245,9 @@ def learning_curve(
                     if arm == "random":
                         rows = order[done : done + take]
                     else:
-                        rows = label_next(probe, X, labels, take, seed=seed + 1000 * done)
+                        rows = label_next(
+                            probe, X, labels, take, seed=seed + 1000 * done, strategy=strategy
+                        )
                     probe.update(rows, truth[rows])
                     labels[rows] = truth[rows]
                     done += take
@@ -327,16 +344,24 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--plot", type=Path, metavar="DIR", help="also write the two figures")
+    parser.add_argument(
+        "--strategy",
+        choices=("uncertain", "hybrid"),
+        default="uncertain",
+        help="label_next's pool (default: the library default, uncertain)",
+    )
     args = parser.parse_args()
     if args.project is None and not (DATA / NEW_LAB).is_dir():
         sys.exit(f"no data at {DATA}: pass --project or provide ../shared/data")
     X, truth, batch = load_project(args.project)
     names, counts = np.unique(batch, return_counts=True)
     sizes = dict(zip(names.tolist(), counts.tolist(), strict=True))
-    print(f"{len(X)} cells x {X.shape[1]}-d; batches {sizes}")
+    print(f"{len(X)} cells x {X.shape[1]}-d; batches {sizes}; strategy {args.strategy!r}")
 
     for kind in ("knn", "linear"):
-        res = queue_experiment(X, truth, batch, seeds=args.seeds, k=args.k, kind=kind)
+        res = queue_experiment(
+            X, truth, batch, seeds=args.seeds, k=args.k, kind=kind, strategy=args.strategy
+        )
         before_all = res.pop("_before_all")[0]
         print(f"\n(a) label next, {kind} probe trained on {OLD_LAB}; {NEW_LAB} balanced accuracy")
         print(f"before any {NEW_LAB} label, on all {NEW_LAB} cells: {before_all:.3f}")
@@ -379,7 +404,9 @@ def main() -> None:
     if args.plot is not None:
         curves = {}
         for kind in ("knn", "linear"):
-            curves[kind] = learning_curve(X, truth, batch, seeds=args.seeds, k=args.k, kind=kind)
+            curves[kind] = learning_curve(
+                X, truth, batch, seeds=args.seeds, k=args.k, kind=kind, strategy=args.strategy
+            )
             print(
                 f"\nlearning curve, {kind}: balanced accuracy on unlabelled {NEW_LAB} over "
                 f"{', '.join(scored_classes(truth, batch))}; mean +- sd over {args.seeds} seeds"

@@ -274,7 +274,8 @@ class ReviewWidget(QWidget):
     class_buttons : dict of str to QPushButton
         The class bar: class name (and ``"Not classed"``) to its button; the
         "Clear label" button is under the key ``""``.
-    undo_button, redo_button, next_button, suspects_button : QPushButton
+    undo_button, redo_button, suspects_button : QPushButton
+    next_button : QToolButton
     sort_combo, probe_combo, group_by_combo, group_combo, target_combo : QComboBox
     threshold_spin : QDoubleSpinBox
     zoom_slider : QSlider
@@ -356,12 +357,26 @@ class ReviewWidget(QWidget):
         self.redo_button = QPushButton("↷ Redo")
         self.redo_button.setToolTip("Redo (Ctrl+Shift+Z)")
         self.redo_button.clicked.connect(self.redo)
-        self.next_button = QPushButton("Label next")
+        self.next_button = QToolButton()
+        self.next_button.setText("Label next")
         self.next_button.setToolTip(
             f"Show {QUEUE_SIZE} unlabelled cells the probe is least sure of, spread over "
-            "the map, as a queue at the top"
+            "the map, as a queue at the top (the arrow chooses how they are picked)"
         )
+        self.next_button.setPopupMode(QToolButton.ToolButtonPopupMode.MenuButtonPopup)
         self.next_button.clicked.connect(lambda: self.show_queue("next"))
+        strategy_menu = QMenu(self.next_button)
+        self.strategy_actions = {}
+        for strategy, text in (
+            ("uncertain", "Least sure, spread over the map"),
+            ("hybrid", "Least sure + far from every labelled cell (a new lab)"),
+        ):
+            action = strategy_menu.addAction(text)
+            action.setCheckable(True)
+            action.triggered.connect(lambda _c=False, st=strategy: self.set_queue_strategy(st))
+            self.strategy_actions[strategy] = action
+        self.strategy_actions["uncertain"].setChecked(True)
+        self.next_button.setMenu(strategy_menu)
         self.suspects_button = QPushButton("Suspect labels")
         self.suspects_button.setToolTip(
             f"Show {QUEUE_SIZE} labelled cells whose label the cross-validated probe "
@@ -742,6 +757,12 @@ class ReviewWidget(QWidget):
             self.gallery.set_sort(mode)
         else:
             self.sort_combo.setCurrentIndex(index)
+
+    def set_queue_strategy(self, strategy: str) -> None:
+        """How *Label next* picks cells: ``"uncertain"`` or ``"hybrid"`` (see probes.md)."""
+        self.review.queue_strategy = strategy
+        for name, action in self.strategy_actions.items():
+            action.setChecked(name == strategy)
 
     def show_queue(self, which: str, n: int = QUEUE_SIZE) -> None:
         """Compute a queue (``"next"`` or ``"suspects"``) in a worker and show it on top."""

@@ -1330,6 +1330,58 @@ def suspect_labels(
     )
 
 
+def _kmeanspp(
+    P: np.ndarray,
+    p_sq: np.ndarray,
+    d2: np.ndarray,
+    m: int,
+    rng: np.random.Generator,
+    first: int | None = None,
+) -> list[int]:
+    """``m`` distinct positions in ``P`` drawn by k-means++ seeding.
+
+    Parameters
+    ----------
+    P : ndarray of shape (p, dim), float32
+        The points to draw from.
+    p_sq : ndarray of shape (p,)
+        Squared norms of ``P``.
+    d2 : ndarray of shape (p,), float64
+        Squared distance of each point to the nearest point already chosen elsewhere
+        (labelled cells); inf when there is none. Not modified.
+    m : int
+        How many to draw (at most ``p``).
+    rng : numpy.random.Generator
+    first : int, optional
+        Position of the first draw; default a k-means++ draw (at random if every
+        ``d2`` is inf).
+
+    Returns
+    -------
+    list of int
+        Positions in ``P``, in draw order: each with probability proportional to its
+        squared distance to the nearest labelled or already drawn point.
+    """
+    d2 = d2.copy()
+    picked: list[int] = []
+    for _ in range(min(int(m), len(P))):
+        if not picked and (first is not None or not np.isfinite(d2).any()):
+            # nothing labelled to be far from: start at `first` (or at random)
+            i = int(first) if first is not None else int(rng.integers(len(P)))
+        else:
+            weights = np.where(np.isfinite(d2), d2, 0.0)
+            weights[picked] = 0.0
+            total = weights.sum()
+            if total <= 0:  # every point left coincides with a picked or labelled one
+                i = int(rng.choice(np.setdiff1d(np.arange(len(P)), picked)))
+            else:
+                i = int(rng.choice(len(P), p=weights / total))
+        picked.append(i)
+        d2 = np.minimum(d2, np.maximum(p_sq + p_sq[i] - 2.0 * (P @ P[i]), 0.0))
+        d2[i] = 0.0
+    return picked
+
+
 def label_next(
     probe: LiveProbe | None,
     X: np.ndarray,
@@ -1339,6 +1391,7 @@ def label_next(
     candidates: int | None = None,
     seed: int = 0,
     coords: np.ndarray | None = None,
+    strategy: Literal["uncertain", "hybrid"] = "uncertain",
 ) -> np.ndarray:
     """Rows of unlabelled cells to label next: least sure and spread over the map.
 
@@ -1355,15 +1408,22 @@ def label_next(
     n : int
         How many rows to return (fewer if fewer cells are unlabelled).
     candidates : int, optional
-        Size of the uncertain pool diversity picks from: the ``candidates``
-        unlabelled cells of smallest margin (default ``10 * n``). Without
-        predictions: a random sample of the unlabelled cells (default
-        ``max(50 * n, 5000)``).
+        Size of the pool diversity picks from (default ``10 * n``): the
+        ``candidates`` unlabelled cells of smallest margin (``"uncertain"``), or half
+        of them plus as many novel cells (``"hybrid"``). Without predictions: a random
+        sample of the unlabelled cells (default ``max(50 * n, 5000)``).
     seed : int
-        Seeds the k-means++ draws (and the sample without predictions).
+        Seeds the k-means++ draws (and the samples).
     coords : ndarray of shape (n_cells, n_coords), optional
         Space in which to spread the picks (e.g. the UMAP, ``obsm["X_umap"]``);
         default the embeddings. Rows with NaN are never proposed.
+    strategy : {"uncertain", "hybrid"}
+        How the pool is built. ``"uncertain"``: the least sure cells. ``"hybrid"``:
+        the ``candidates // 2`` least sure cells (rounded up) plus ``candidates // 2``
+        cells drawn by k-means++ seeding from all unlabelled cells (a random sample
+        of ``max(50 * n, 5000)`` of them), weighted by the squared distance to the
+        nearest labelled cell: cells unlike every labelled one, where the probe can
+        be confidently wrong (a new lab, a class never labelled).
 
     Returns
     -------
@@ -1378,7 +1438,12 @@ def label_next(
     from it by k-means++ seeding: each draw with probability proportional to the
     squared distance to the nearest cell already labelled or picked. Picking the ``n``
     smallest margins alone tends to return ``n`` near-copies from one class border.
+    Margins cannot find cells the probe is confidently wrong about; the novel half
+    of the ``"hybrid"`` pool is a k-means++ (core-set-like, Sener & Savarese, ICLR
+    2018, arXiv:1708.00489) sample that can. See ``docs/probes.md`` for measurements.
     """
+    if strategy not in ("uncertain", "hybrid"):
+        raise ValueError(f"strategy must be 'uncertain' or 'hybrid', got {strategy!r}")
     Xf = _as_embeddings(X, probe.metric if probe is not None else "euclidean")
     y = _clean_labels(labels, len(Xf))
     space = Xf if coords is None else np.asarray(coords, dtype=np.float32)
@@ -1390,13 +1455,40 @@ def label_next(
     if n <= 0 or not len(unl):
         return np.empty(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
+    lab = np.flatnonzero(finite & np.not_equal(y, None))
+    if len(lab):
+        L = np.ascontiguousarray(space[lab], dtype=np.float32)
+        l_sq = np.einsum("ij,ij->i", L, L)
+
+    def sq_dist_to_labelled(P: np.ndarray, p_sq: np.ndarray) -> np.ndarray:
+        """Squared distance of each row of ``P`` to the nearest labelled cell (inf if none)."""
+        if not len(lab):
+            return np.full(len(P), np.inf)
+        _, rd = _knn_search(P, np.arange(len(P)), L, l_sq, 1)
+        return np.maximum(rd[:, 0] + p_sq, 0.0).astype(np.float64)
+
     has_pred = probe is not None and probe.n_cells == len(Xf) and probe.proba.shape[1] > 0
     if has_pred and np.isfinite(probe.confidence[unl]).any():
         margin = probe.margin()[unl].astype(np.float64)
         margin[np.isnan(margin)] = -np.inf  # no prediction: least sure of all
-        size = candidates if candidates is not None else 10 * n
-        pool = unl[np.argsort(margin, kind="stable")[: max(size, n)]]
-        first = pool[0]
+        size = max(candidates if candidates is not None else 10 * n, n)
+        order = np.argsort(margin, kind="stable")
+        if strategy == "hybrid":
+            pool = unl[order[: size - size // 2]]
+            sample_size = max(50 * n, 5000)
+            sample = unl
+            if len(unl) > sample_size:
+                sample = np.sort(rng.choice(unl, sample_size, replace=False))
+            S = np.ascontiguousarray(space[sample], dtype=np.float32)
+            s_sq = np.einsum("ij,ij->i", S, S)
+            novel = sample[_kmeanspp(S, s_sq, sq_dist_to_labelled(S, s_sq), size // 2, rng)]
+            pool = np.union1d(pool, novel)
+            if len(pool) < n:  # novel draws hit least-sure cells: top up with the next
+                rest = unl[order[np.isin(unl[order], pool, invert=True)]]
+                pool = np.union1d(pool, rest[: n - len(pool)])
+        else:
+            pool = unl[order[:size]]
+        first = unl[order[0]]
     else:
         size = candidates if candidates is not None else max(50 * n, 5000)
         pool = unl if len(unl) <= size else np.sort(rng.choice(unl, size, replace=False))
@@ -1405,30 +1497,6 @@ def label_next(
         return pool.astype(np.int64)
     P = np.ascontiguousarray(space[pool], dtype=np.float32)
     p_sq = np.einsum("ij,ij->i", P, P)
-    # squared distance of each pool cell to the nearest labelled cell (inf if none)
-    lab = np.flatnonzero(finite & np.not_equal(y, None))
-    if len(lab):
-        L = np.ascontiguousarray(space[lab], dtype=np.float32)
-        _, rd = _knn_search(P, np.arange(len(P)), L, np.einsum("ij,ij->i", L, L), 1)
-        d2 = np.maximum(rd[:, 0] + p_sq, 0.0).astype(np.float64)
-    else:
-        d2 = np.full(len(P), np.inf)
-    picked: list[int] = []
-    for _ in range(n):
-        if not picked and (first is not None or not np.isfinite(d2).any()):
-            # nothing labelled to be far from: start at the least sure cell (or at random)
-            i = int(np.flatnonzero(pool == first)[0]) if first is not None else None
-            if i is None:
-                i = int(rng.integers(len(P)))
-        else:
-            weights = np.where(np.isfinite(d2), d2, 0.0)
-            weights[picked] = 0.0
-            total = weights.sum()
-            if total <= 0:  # every cell left coincides with a picked or labelled one
-                i = int(rng.choice(np.setdiff1d(np.arange(len(P)), picked)))
-            else:
-                i = int(rng.choice(len(P), p=weights / total))
-        picked.append(i)
-        d2 = np.minimum(d2, np.maximum(p_sq + p_sq[i] - 2.0 * (P @ P[i]), 0.0))
-        d2[i] = 0.0
+    start = int(np.flatnonzero(pool == first)[0]) if first is not None else None
+    picked = _kmeanspp(P, p_sq, sq_dist_to_labelled(P, p_sq), n, rng, first=start)
     return pool[np.asarray(picked)].astype(np.int64)

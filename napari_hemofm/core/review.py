@@ -150,6 +150,9 @@ class Review:
         #: Labelled cells from elsewhere (a saved probe's training set) that the probe
         #: learns from besides this table's labels: ``(X, labels, name)`` or None.
         self.reference: tuple[np.ndarray, np.ndarray, str] | None = None
+        #: How :meth:`label_next` picks cells (``"uncertain"`` or ``"hybrid"``, see
+        #: :func:`~.classify.label_next`).
+        self.queue_strategy: Literal["uncertain", "hybrid"] = "uncertain"
         self._undo: list[_Step] = []
         self._redo: list[_Step] = []
         self._pending: dict[int, None] = {}
@@ -742,8 +745,19 @@ class Review:
             raise ValueError("the cells have no embeddings yet: embed them first")
         return X, self._labels_array()
 
-    def label_next(self, n: int = 20, *, seed: int = 0) -> list[str]:
+    def label_next(
+        self,
+        n: int = 20,
+        *,
+        seed: int = 0,
+        strategy: Literal["uncertain", "hybrid"] | None = None,
+    ) -> list[str]:
         """Unlabelled cells to label next: where the probe is least sure, spread over the map.
+
+        ``strategy`` (default :attr:`queue_strategy`): ``"uncertain"`` draws from the
+        least-sure cells; ``"hybrid"`` also from cells far from every labelled cell,
+        which finds cells a probe is confidently wrong about in a new lab (measured in
+        ``docs/probes.md``).
 
         Returns
         -------
@@ -760,7 +774,15 @@ class Review:
             if coords is not None:
                 coords = np.concatenate([coords, np.full((self._n_reference, 2), np.nan)])
         with self._probe_lock:
-            rows = label_next(self.probe, X, labels, n, seed=seed, coords=coords)
+            rows = label_next(
+                self.probe,
+                X,
+                labels,
+                n,
+                seed=seed,
+                coords=coords,
+                strategy=strategy or self.queue_strategy,
+            )
         rows = np.asarray(rows, dtype=np.int64)
         rows = rows[rows < self.table.n_cells]  # reference cells are labelled anyway
         return self.table.cell_ids[np.asarray(rows, dtype=np.int64)].tolist()

@@ -420,6 +420,52 @@ def test_label_next_spreads_picks_more_than_the_lowest_margins():
     assert len(set(rows.tolist())) == n
 
 
+def novel_cluster_probe(seed=21):
+    """A probe that is sure, and wrong, about a cluster far from every labelled cell.
+
+    2-D embeddings. Cells 0-99: labelled, two clusters (a at (-5, 0), b at (5, 0));
+    cells 100-199: unlabelled, on the a-b border, margins 0-0.3; cells 200-239:
+    unlabelled, a cluster at (0, 40), far from every labelled cell, margin 1.0
+    (predicted "a" with certainty). Returns probe, X, labels.
+    """
+    rng = np.random.default_rng(seed)
+    X = np.concatenate(
+        [
+            rng.normal(loc=(-5, 0), size=(50, 2)),
+            rng.normal(loc=(5, 0), size=(50, 2)),
+            rng.normal(loc=(0, 0), scale=(0.5, 3), size=(100, 2)),
+            rng.normal(loc=(0, 40), size=(40, 2)),
+        ]
+    ).astype(np.float32)
+    margin = np.concatenate([[1.0] * 100, np.linspace(0, 0.3, 100), [1.0] * 40])
+    labels = np.full(240, None, dtype=object)
+    labels[:50], labels[50:100] = "a", "b"
+    probe = LiveProbe("knn")
+    probe.classes_ = ["a", "b"]
+    probe.proba = np.stack([(1 + margin) / 2, (1 - margin) / 2], axis=1).astype(np.float32)
+    probe.confidence = probe.proba.max(axis=1)
+    probe.prediction = np.array(["a"] * 240, dtype=object)
+    return probe, X, labels
+
+
+def test_label_next_hybrid_finds_a_novel_cluster_the_probe_is_sure_about():
+    """strategy="hybrid": a cluster far from every labelled cell gets picks although the
+    probe is certain there (margin 1.0); the default least-sure pool never reaches it."""
+    probe, X, labels = novel_cluster_probe()
+    n = 10
+    for seed in range(5):
+        default = label_next(probe, X, labels, n, candidates=40, seed=seed)
+        assert (default >= 200).sum() == 0  # the premise: margins alone miss the cluster
+        rows = label_next(probe, X, labels, n, candidates=40, seed=seed, strategy="hybrid")
+        assert len(set(rows.tolist())) == n
+        assert rows.min() >= 100  # never a labelled cell
+        assert (rows >= 200).sum() >= 2  # the novel cluster is sampled ...
+        assert (rows < 200).sum() >= n // 2  # ... and the border still is too
+        assert rows[0] == 100 + np.argmin(probe.margin()[100:200])  # least sure first
+    with pytest.raises(ValueError, match="strategy"):
+        label_next(probe, X, labels, n, strategy="novel")
+
+
 def test_label_next_without_predictions_is_pure_diversity():
     """With no probe yet, picks cover the clusters (every cluster is hit) and skip NaN rows."""
     X, truth = blobs(n=400, n_classes=4, spread=0.3, scale=5.0, seed=19)

@@ -556,6 +556,15 @@ def test_label_next_and_suspects_show_a_queue(review_widget, qtbot):
     assert w.table.obs["label"].iloc[rows].isna().all()
     np.testing.assert_array_equal(w.session.selected, np.sort(rows))
     qtbot.waitUntil(lambda: w._queue_worker is None, timeout=5000)
+    # the arrow menu switches the queue to the hybrid strategy (still unlabelled cells)
+    w.strategy_actions["hybrid"].trigger()
+    assert w.review.queue_strategy == "hybrid"
+    assert not w.strategy_actions["uncertain"].isChecked()
+    w.show_queue("next", 10)
+    qtbot.waitUntil(lambda: w._queue_worker is None, timeout=20_000)
+    rows = w.gallery.section_rows("Queue")
+    assert 0 < len(rows) <= 10
+    assert w.table.obs["label"].iloc[rows].isna().all()
 
     labels = w.table.obs["label"].astype(object).to_numpy()
     wrong = int(np.flatnonzero(labels == "Neutrophil")[0])
