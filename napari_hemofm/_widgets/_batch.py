@@ -58,7 +58,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_hemofm._widgets._colors import MISSING_COLOR
+from napari_hemofm._widgets._colors import MISSING_COLOR, theme_background
 from napari_hemofm._widgets._map import (
     MISSING_ARGB,
     _bridge_if_needed,
@@ -699,12 +699,7 @@ class BatchViewWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        from napari.utils.theme import get_theme
-
-        try:
-            background = get_theme(self.viewer.theme).background.as_hex()
-        except Exception:  # an unknown theme id must not break the widget
-            background = "#262930"
+        background = theme_background(self.viewer)
         self._background = background
 
         self.correction_combo = QComboBox()
@@ -1165,19 +1160,14 @@ class BatchViewWidget(QWidget):
         return shown
 
     def _on_number_key(self, key: int) -> None:
-        from napari_hemofm._widgets._review_state import get_retrainer
+        from napari_hemofm._widgets._review_state import label_selection_by_key
 
-        state = get_retrainer(self.viewer)
-        if key < 0:
-            state.clear_selection_labels()
-        else:
-            state.relabel_selection_key(key)
+        label_selection_by_key(self.viewer, key)
 
     def _on_history_key(self, redo: bool) -> None:
-        from napari_hemofm._widgets._review_state import get_review
+        from napari_hemofm._widgets._review_state import undo_or_redo
 
-        review = get_review(self.viewer)
-        review.redo() if redo else review.undo()
+        undo_or_redo(self.viewer, redo)
 
     def _sync_view(self, source: ScatterCanvas) -> None:
         """Keep both maps on the same part of the layout (pan and zoom follow)."""

@@ -7,6 +7,7 @@ golden-angle hues. Grey is never a class colour: it means "no value".
 from __future__ import annotations
 
 import colorsys
+from typing import Any
 
 PALETTE: tuple[str, ...] = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -33,3 +34,13 @@ def class_hex(index: int) -> str:
     if index < len(PALETTE):
         return PALETTE[index]
     return "#" + "".join(f"{round(c * 255):02x}" for c in class_rgb(index))
+
+
+def theme_background(viewer: Any) -> str:
+    """Background colour (hex) of the viewer's napari theme, for canvases drawn by hand."""
+    from napari.utils.theme import get_theme
+
+    try:
+        return get_theme(viewer.theme).background.as_hex()
+    except Exception:  # an unknown theme id must not break a widget
+        return "#262930"

@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_hemofm._widgets._colors import MISSING_COLOR, class_hex
+from napari_hemofm._widgets._colors import MISSING_COLOR, class_hex, theme_background
 from napari_hemofm._widgets._scatter import ScatterCanvas, rgba_to_argb32
 from napari_hemofm._widgets._session import get_session
 from napari_hemofm._widgets._thumbstrip import (
@@ -197,12 +197,7 @@ class CellMapWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        from napari.utils.theme import get_theme
-
-        try:
-            background = get_theme(self.viewer.theme).background.as_hex()
-        except Exception:  # an unknown theme id must not break the widget
-            background = "#262930"
+        background = theme_background(self.viewer)
 
         self.color_combo = QComboBox()
         self.color_combo.setToolTip("Column that colours the points")
@@ -681,19 +676,14 @@ class CellMapWidget(QWidget):
         return get_review(self.viewer).relabel(rows, label) if len(rows) else []
 
     def _on_number_key(self, key: int) -> None:
-        from napari_hemofm._widgets._review_state import get_retrainer
+        from napari_hemofm._widgets._review_state import label_selection_by_key
 
-        state = get_retrainer(self.viewer)
-        if key < 0:
-            state.clear_selection_labels()
-        else:
-            state.relabel_selection_key(key)
+        label_selection_by_key(self.viewer, key)
 
     def _on_history_key(self, redo: bool) -> None:
-        from napari_hemofm._widgets._review_state import get_review
+        from napari_hemofm._widgets._review_state import undo_or_redo
 
-        review = get_review(self.viewer)
-        review.redo() if redo else review.undo()
+        undo_or_redo(self.viewer, redo)
 
     def _on_strip_clicked(self, row: int) -> None:
         self.session.select([row], origin="strip")

@@ -231,6 +231,23 @@ def get_review(viewer: napari.viewer.Viewer) -> Review:
     return get_retrainer(viewer).review
 
 
+def label_selection_by_key(viewer: napari.viewer.Viewer, key: int) -> list[str]:
+    """What a number key does in any view: 1-9 a class, 0 Not classed, -1 clear the label.
+
+    Applies to the session's selected cells; returns the ids whose label changed.
+    """
+    state = get_retrainer(viewer)
+    if key < 0:
+        return state.clear_selection_labels()
+    return state.relabel_selection_key(key)
+
+
+def undo_or_redo(viewer: napari.viewer.Viewer, redo: bool = False) -> bool:
+    """Ctrl+Z (``redo=False``) or Ctrl+Shift+Z in any view; True if something changed."""
+    review = get_review(viewer)
+    return review.redo() if redo else review.undo()
+
+
 def bind_review_keys(viewer: napari.viewer.Viewer, layer: Any) -> None:
     """Bind number keys, Backspace and undo / redo on a ``cells`` Points layer.
 
@@ -240,39 +257,25 @@ def bind_review_keys(viewer: napari.viewer.Viewer, layer: Any) -> None:
     Ctrl+Shift+Z undo and redo. This replaces the Points layer's own number-key mode
     shortcuts on these layers (P, S and Z still switch modes).
     """
-    ref = weakref.ref(viewer)
+    ref = weakref.ref(viewer)  # the layer's bindings must not keep the viewer alive
 
-    def retrainer() -> Retrainer | None:
-        v = ref()
-        return None if v is None else get_retrainer(v)
+    def on_key(key: int):
+        def press(_layer: Any) -> None:
+            if (v := ref()) is not None:
+                label_selection_by_key(v, key)
 
-    def make(key: int):
-        def relabel(_layer: Any) -> None:
-            state = retrainer()
-            if state is not None:
-                state.relabel_selection_key(key)
+        return press
 
-        return relabel
+    def on_history(redo: bool):
+        def press(_layer: Any) -> None:
+            if (v := ref()) is not None:
+                undo_or_redo(v, redo)
+
+        return press
 
     for key in range(10):
-        layer.bind_key(str(key), make(key), overwrite=True)
-
-    def clear(_layer: Any) -> None:
-        state = retrainer()
-        if state is not None:
-            state.clear_selection_labels()
-
-    def undo(_layer: Any) -> None:
-        state = retrainer()
-        if state is not None:
-            state.review.undo()
-
-    def redo(_layer: Any) -> None:
-        state = retrainer()
-        if state is not None:
-            state.review.redo()
-
-    for key in ("Backspace", "Delete"):
-        layer.bind_key(key, clear, overwrite=True)
-    layer.bind_key("Control-Z", undo, overwrite=True)
-    layer.bind_key("Control-Shift-Z", redo, overwrite=True)
+        layer.bind_key(str(key), on_key(key), overwrite=True)
+    for name in ("Backspace", "Delete"):
+        layer.bind_key(name, on_key(-1), overwrite=True)
+    layer.bind_key("Control-Z", on_history(False), overwrite=True)
+    layer.bind_key("Control-Shift-Z", on_history(True), overwrite=True)
