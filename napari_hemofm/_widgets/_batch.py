@@ -61,17 +61,19 @@ from qtpy.QtWidgets import (
 from napari_hemofm._widgets._colors import MISSING_COLOR, theme_background
 from napari_hemofm._widgets._map import (
     MISSING_ARGB,
-    _bridge_if_needed,
     _colormap_lut,
-    _disconnect_all,
-    _disconnect_groups,
     _hex_to_argb,
     _html,
-    _MainThreadBridge,
     palette_color,
 )
 from napari_hemofm._widgets._scatter import ScatterCanvas
 from napari_hemofm._widgets._session import get_session
+from napari_hemofm._widgets._signals import (
+    MainThreadBridge,
+    disconnect_all,
+    disconnect_groups,
+    on_main_thread,
+)
 from napari_hemofm._widgets._thumbstrip import (
     placeholder_pixmap,
     start_thumbnail_worker,
@@ -657,7 +659,7 @@ class BatchViewWidget(QWidget):
         self.viewer = viewer
         self.session: CellSession = get_session(viewer)
         self._slots: dict[str, list[tuple[Any, Callable]]] = {"session": [], "table": []}
-        self._bridge = _MainThreadBridge(self)
+        self._bridge = MainThreadBridge(self)
         self._lifeline = Lifeline(self)
         self._relay = _Relay(self)
         self._relay.progress.connect(self._on_measure_progress)
@@ -694,7 +696,7 @@ class BatchViewWidget(QWidget):
         ]
         for signal, slot in self._slots["session"]:
             signal.connect(slot)
-        self.destroyed.connect(functools.partial(_disconnect_groups, self._slots))
+        self.destroyed.connect(functools.partial(disconnect_groups, self._slots))
         self._attach_table(self.session.table)
 
     # ------------------------------------------------------------------ UI
@@ -965,7 +967,7 @@ class BatchViewWidget(QWidget):
 
     # ------------------------------------------------------------- table
     def _attach_table(self, table: CellTable) -> None:
-        _disconnect_all(self._slots["table"])
+        disconnect_all(self._slots["table"])
         ev = table.events
         self._slots["table"] = [
             (ev.cells_added, self._on_cells_added),
@@ -1281,7 +1283,7 @@ class BatchViewWidget(QWidget):
             self._grid_click = False
 
     def _on_selection_changed(self, rows: np.ndarray, origin: str) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_selection_changed, rows, origin):
+        if not on_main_thread(self._bridge, self._on_selection_changed, rows, origin):
             return
         rows = np.asarray(rows, np.int64)
         for panel in (self.left, self.right):
@@ -1674,12 +1676,12 @@ class BatchViewWidget(QWidget):
 
     # -------------------------------------------------------- table events
     def _on_table_replaced(self, table: CellTable) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_table_replaced, table):
+        if not on_main_thread(self._bridge, self._on_table_replaced, table):
             return
         self._attach_table(table)
 
     def _on_cells_added(self, start: int, stop: int) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_cells_added, start, stop):
+        if not on_main_thread(self._bridge, self._on_cells_added, start, stop):
             return
         self._invalidate("cells")
         self.appearance = None
@@ -1687,7 +1689,7 @@ class BatchViewWidget(QWidget):
         self._grid_timer.start()
 
     def _on_labels_changed(self, cell_ids: Any, labels: Any) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_labels_changed, cell_ids, labels):
+        if not on_main_thread(self._bridge, self._on_labels_changed, cell_ids, labels):
             return
         self._labels_moved()
 
@@ -1701,7 +1703,7 @@ class BatchViewWidget(QWidget):
         self._grid_timer.start()
 
     def _on_columns_changed(self, names: Sequence[str]) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_columns_changed, names):
+        if not on_main_thread(self._bridge, self._on_columns_changed, names):
             return
         names = set(names)
         if "batch" in names:
@@ -1713,13 +1715,13 @@ class BatchViewWidget(QWidget):
             self._labels_moved()
 
     def _on_classes_changed(self, classes: Sequence[str]) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_classes_changed, classes):
+        if not on_main_thread(self._bridge, self._on_classes_changed, classes):
             return
         self._recolor()
         self._grid_timer.start()
 
     def _on_embeddings_changed(self, key: str) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_embeddings_changed, key):
+        if not on_main_thread(self._bridge, self._on_embeddings_changed, key):
             return
         if key == "X_umap":
             self._load_layout(fit=True)
@@ -1739,5 +1741,5 @@ class BatchViewWidget(QWidget):
         self.grid.stop()
         for worker in list(self._workers.values()):
             worker.quit()
-        _disconnect_groups(self._slots)
+        disconnect_groups(self._slots)
         self._lifeline.cut()

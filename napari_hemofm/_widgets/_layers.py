@@ -36,6 +36,7 @@ import pandas as pd
 
 from napari_hemofm._widgets._colors import class_rgb
 from napari_hemofm._widgets._session import get_session
+from napari_hemofm._widgets._signals import MainThreadBridge, on_main_thread
 
 if TYPE_CHECKING:
     import napari
@@ -186,34 +187,6 @@ def source_key(layer: Any) -> str:
     return str(layer.name)
 
 
-class _MainThread:
-    """Runs table / session callbacks on the Qt main thread.
-
-    The table may be changed from a worker thread (a probe writing predictions); napari
-    layers must only be touched on the main thread, so such calls are re-sent through a
-    queued Qt signal.
-    """
-
-    def __init__(self) -> None:
-        from qtpy.QtCore import QObject, Signal
-
-        class _Relay(QObject):
-            call = Signal(object)
-
-        self._relay = _Relay()
-        self._relay.call.connect(lambda fn: fn())
-
-    def here(self) -> bool:
-        """True on the thread the relay lives in (the main thread)."""
-        from qtpy.QtCore import QThread
-
-        return QThread.currentThread() is self._relay.thread()
-
-    def post(self, fn: Any, *args: Any) -> None:
-        """Call ``fn(*args)`` on the main thread, later."""
-        self._relay.call.emit(lambda: fn(*args))
-
-
 def _camera(viewer: Any) -> Any:
     """The viewer's camera (``viewer.scene.camera`` since napari 0.9)."""
     scene = getattr(viewer, "scene", None)
@@ -269,7 +242,7 @@ class CellsLayerSync:
         self._editing: str | None = None  # key of the layer whose selection the user changed
         self._table: CellTable | None = None
         self._linked: weakref.WeakSet = weakref.WeakSet()  # images whose visibility we follow
-        self._main = _MainThread()
+        self._main = MainThreadBridge()
         self.session.events.table_replaced.connect(self._on_table_replaced)
         self.session.events.selection_changed.connect(self._on_session_selection)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -593,15 +566,13 @@ class CellsLayerSync:
         ev.classes_changed.connect(self._on_classes_changed)
 
     def _on_table_replaced(self, table: CellTable) -> None:
-        if not self._main.here():
-            self._main.post(self._on_table_replaced, table)
+        if not on_main_thread(self._main, self._on_table_replaced, table):
             return
         self._connect_table(table)
         self.refresh()
 
     def _on_cells_added(self, start: int, stop: int) -> None:
-        if not self._main.here():
-            self._main.post(self._on_cells_added, start, stop)
+        if not on_main_thread(self._main, self._on_cells_added, start, stop):
             return
         images = self._image_layers()
         sources = set(self.session.table.obs["source"].astype(str).iloc[start:stop])
@@ -628,8 +599,7 @@ class CellsLayerSync:
         return out
 
     def _on_labels_changed(self, cell_ids: Iterable[str], labels: Iterable[Any]) -> None:
-        if not self._main.here():
-            self._main.post(self._on_labels_changed, cell_ids, labels)
+        if not on_main_thread(self._main, self._on_labels_changed, cell_ids, labels):
             return
         table = self.session.table
         try:
@@ -659,8 +629,7 @@ class CellsLayerSync:
             points.events.border_color()
 
     def _on_columns_changed(self, names: Iterable[str]) -> None:
-        if not self._main.here():
-            self._main.post(self._on_columns_changed, names)
+        if not on_main_thread(self._main, self._on_columns_changed, names):
             return
         names = list(names)
         if self._face_column is not None and self._face_column in names:
@@ -677,8 +646,7 @@ class CellsLayerSync:
             view.points.events.features()
 
     def _on_classes_changed(self, classes: Sequence[str]) -> None:
-        if not self._main.here():
-            self._main.post(self._on_classes_changed, classes)
+        if not on_main_thread(self._main, self._on_classes_changed, classes):
             return
         # class order sets the colours: recolour everything (rare: a class was added)
         for view in self._views.values():
@@ -706,8 +674,7 @@ class CellsLayerSync:
             self._editing = None
 
     def _on_session_selection(self, rows: np.ndarray, origin: str) -> None:
-        if not self._main.here():
-            self._main.post(self._on_session_selection, rows, origin)
+        if not on_main_thread(self._main, self._on_session_selection, rows, origin):
             return
         self._apply_selection(rows, jump=origin != LAYER_ORIGIN, skip=self._editing)
 

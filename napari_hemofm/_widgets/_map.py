@@ -14,14 +14,13 @@ measurements in ``benchmarks/bench_map.py``; see docs/map.md, "Performance").
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor, QImage, QPixmap
 from qtpy.QtWidgets import (
     QButtonGroup,
@@ -38,6 +37,12 @@ from qtpy.QtWidgets import (
 from napari_hemofm._widgets._colors import MISSING_COLOR, class_hex, theme_background
 from napari_hemofm._widgets._scatter import ScatterCanvas, rgba_to_argb32
 from napari_hemofm._widgets._session import get_session
+from napari_hemofm._widgets._signals import (
+    MainThreadBridge,
+    disconnect_all,
+    disconnect_groups,
+    on_main_thread,
+)
 from napari_hemofm._widgets._thumbstrip import (
     ThumbnailStrip,
     placeholder_pixmap,
@@ -175,7 +180,7 @@ class CellMapWidget(QWidget):
         self._hover_wanted: str | None = None
         self.preview_cell_id: str | None = None
         self.preview_thumbnail_id: str | None = None
-        self._bridge = _MainThreadBridge(self)
+        self._bridge = MainThreadBridge(self)
         self._lifeline = Lifeline(self)
 
         self._build_ui()
@@ -192,7 +197,7 @@ class CellMapWidget(QWidget):
         ]
         for signal, slot in self._slots["session"]:
             signal.connect(slot)
-        self.destroyed.connect(functools.partial(_disconnect_groups, self._slots))
+        self.destroyed.connect(functools.partial(disconnect_groups, self._slots))
         self._attach_table(self.session.table)
 
     # ------------------------------------------------------------------ UI
@@ -361,7 +366,7 @@ class CellMapWidget(QWidget):
 
     # ------------------------------------------------------------- table
     def _attach_table(self, table: CellTable) -> None:
-        _disconnect_all(self._slots["table"])
+        disconnect_all(self._slots["table"])
         self._table = table
         ev = table.events
         self._slots["table"] = [
@@ -605,20 +610,20 @@ class CellMapWidget(QWidget):
 
     # -------------------------------------------------------- table events
     def _on_table_replaced(self, table: CellTable) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_table_replaced, table):
+        if not on_main_thread(self._bridge, self._on_table_replaced, table):
             return
         self._category_index.clear()
         self._attach_table(table)
 
     def _on_cells_added(self, start: int, stop: int) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_cells_added, start, stop):
+        if not on_main_thread(self._bridge, self._on_cells_added, start, stop):
             return
         self._refresh_columns()
         self._load_layout()
         self._schedule_umap()
 
     def _on_labels_changed(self, cell_ids: Sequence[str], labels: Sequence[Any]) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_labels_changed, cell_ids, labels):
+        if not on_main_thread(self._bridge, self._on_labels_changed, cell_ids, labels):
             return
         if self.color_by != "label" or self.canvas.n_points != self.table.n_cells:
             return
@@ -637,20 +642,20 @@ class CellMapWidget(QWidget):
         self._update_legend()
 
     def _on_columns_changed(self, names: Sequence[str]) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_columns_changed, names):
+        if not on_main_thread(self._bridge, self._on_columns_changed, names):
             return
         self._refresh_columns()
         if self.color_by in set(names):
             self._recolor()
 
     def _on_classes_changed(self, classes: Sequence[str]) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_classes_changed, classes):
+        if not on_main_thread(self._bridge, self._on_classes_changed, classes):
             return
         if self.color_by in ("label", "prediction"):
             self._recolor()
 
     def _on_embeddings_changed(self, key: str) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_embeddings_changed, key):
+        if not on_main_thread(self._bridge, self._on_embeddings_changed, key):
             return
         if key == "X_umap":
             self._load_layout(fit=True)
@@ -689,7 +694,7 @@ class CellMapWidget(QWidget):
         self.session.select([row], origin="strip")
 
     def _on_selection_changed(self, rows: np.ndarray, origin: str) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_selection_changed, rows, origin):
+        if not on_main_thread(self._bridge, self._on_selection_changed, rows, origin):
             return
         rows = np.asarray(rows, np.int64)
         self.canvas.set_selected(rows)
@@ -789,7 +794,7 @@ class CellMapWidget(QWidget):
         for worker in (self._umap_worker, self._hover_worker):
             if worker is not None:
                 worker.quit()
-        _disconnect_groups(self._slots)
+        disconnect_groups(self._slots)
         self._lifeline.cut()
 
 
@@ -857,42 +862,3 @@ def _describe(cell_id: str, row: pd.Series) -> str:
 
 def _html(text: str) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _disconnect_all(slots: list[tuple[Any, Callable]]) -> None:
-    for signal, slot in slots:
-        try:
-            signal.disconnect(slot)
-        except (ValueError, RuntimeError, TypeError):
-            pass
-    slots.clear()
-
-
-def _disconnect_groups(groups: dict[str, list[tuple[Any, Callable]]], *_args: Any) -> None:
-    for slots in groups.values():
-        _disconnect_all(slots)
-
-
-class _MainThreadBridge(QObject):
-    """Re-runs a call on the GUI thread (a queued Qt signal) when it came from another."""
-
-    call = Signal(object)
-
-    def __init__(self, parent: QObject) -> None:
-        super().__init__(parent)
-        self.call.connect(self._run)
-
-    def _run(self, fn: Callable[[], None]) -> None:
-        fn()
-
-
-def _bridge_if_needed(bridge: _MainThreadBridge, method: Callable, *args: Any) -> bool:
-    """True when on the GUI thread (go on); else queue ``method(*args)`` there and say False.
-
-    Table and session signals fire on the thread that changed the table; a worker that
-    fills the table must not make this widget touch Qt from its thread.
-    """
-    if threading.current_thread() is threading.main_thread():
-        return True
-    bridge.call.emit(functools.partial(method, *args))
-    return False

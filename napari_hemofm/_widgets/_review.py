@@ -62,13 +62,13 @@ from napari_hemofm._widgets._gallery import (
     SectionSpec,
     decode_cells,
 )
-from napari_hemofm._widgets._map import (
-    _bridge_if_needed,
-    _disconnect_all,
-    _disconnect_groups,
-    _MainThreadBridge,
-)
 from napari_hemofm._widgets._session import get_session
+from napari_hemofm._widgets._signals import (
+    MainThreadBridge,
+    disconnect_all,
+    disconnect_groups,
+    on_main_thread,
+)
 from napari_hemofm._widgets._workers import Lifeline, start_worker
 from napari_hemofm.core.review import NOT_CLASSED, UNIDENTIFIED, UNLABELLED
 
@@ -308,7 +308,7 @@ class ReviewWidget(QWidget):
             "review": [],
             "retrainer": [],
         }
-        self._bridge = _MainThreadBridge(self)
+        self._bridge = MainThreadBridge(self)
         self._lifeline = Lifeline(self)
         self._hires: ThumbnailCache | None = None
         self._settings_seen: tuple[float, tuple[str, ...]] | None = None
@@ -340,7 +340,7 @@ class ReviewWidget(QWidget):
         for group in ("session", "retrainer"):
             for signal, slot in self._slots[group]:
                 signal.connect(slot)
-        self.destroyed.connect(functools.partial(_disconnect_groups, self._slots))
+        self.destroyed.connect(functools.partial(disconnect_groups, self._slots))
         self._attach(self.review)
         if self.retrainer is not None:
             self._on_busy_changed(self.retrainer.busy)
@@ -952,8 +952,8 @@ class ReviewWidget(QWidget):
     # -------------------------------------------------------------- attach
     def _attach(self, review: Review) -> None:
         """Follow a review and its table (a new one when the session's table changes)."""
-        _disconnect_all(self._slots["table"])
-        _disconnect_all(self._slots["review"])
+        disconnect_all(self._slots["table"])
+        disconnect_all(self._slots["review"])
         self.review = review
         table = review.table
         self._table = table
@@ -1075,20 +1075,20 @@ class ReviewWidget(QWidget):
 
     # --------------------------------------------------------- table events
     def _on_table_replaced(self, table: CellTable) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_table_replaced, table):
+        if not on_main_thread(self._bridge, self._on_table_replaced, table):
             return
         review, _ = _review_state(self.viewer)
         if review is not self.review:
             self._attach(review)
 
     def _on_review_replaced(self, review: Review) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_review_replaced, review):
+        if not on_main_thread(self._bridge, self._on_review_replaced, review):
             return
         if review is not self.review:
             self._attach(review)
 
     def _on_labels_changed(self, cell_ids: Sequence[str], _labels: Sequence[Any]) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_labels_changed, cell_ids, _labels):
+        if not on_main_thread(self._bridge, self._on_labels_changed, cell_ids, _labels):
             return
         if self._rebuild_timer.isActive():
             self.rebuild()  # one was due anyway (it reads these labels too)
@@ -1104,7 +1104,7 @@ class ReviewWidget(QWidget):
             self._schedule_rebuild()
 
     def _on_columns_changed(self, names: Sequence[str]) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_columns_changed, names):
+        if not on_main_thread(self._bridge, self._on_columns_changed, names):
             return
         if {"prediction", "confidence"} & set(names):
             # Review.apply_result follows this with predictions_changed(rows), which moves
@@ -1113,7 +1113,7 @@ class ReviewWidget(QWidget):
             self._schedule_rebuild()
 
     def _on_predictions_changed(self, rows: np.ndarray) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_predictions_changed, rows):
+        if not on_main_thread(self._bridge, self._on_predictions_changed, rows):
             return
         rows = np.asarray(rows, np.int64)
         n = self.table.n_cells
@@ -1126,30 +1126,30 @@ class ReviewWidget(QWidget):
         self._schedule_counts()
 
     def _on_classes_changed(self, _classes: Sequence[str]) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_classes_changed, _classes):
+        if not on_main_thread(self._bridge, self._on_classes_changed, _classes):
             return
         self._schedule_rebuild()
 
     def _on_cells_added(self, _start: int, _stop: int) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_cells_added, _start, _stop):
+        if not on_main_thread(self._bridge, self._on_cells_added, _start, _stop):
             return
         self._schedule_rebuild()
 
     def _on_embeddings_changed(self, key: str) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_embeddings_changed, key):
+        if not on_main_thread(self._bridge, self._on_embeddings_changed, key):
             return
         if key == "X_umap" and self.gallery.sort_mode == "map":
             self.gallery.set_sort("map")
 
     # -------------------------------------------------------- review events
     def _on_history_changed(self, can_undo: bool, can_redo: bool) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_history_changed, can_undo, can_redo):
+        if not on_main_thread(self._bridge, self._on_history_changed, can_undo, can_redo):
             return
         self.undo_button.setEnabled(bool(can_undo))
         self.redo_button.setEnabled(bool(can_redo))
 
     def _on_metrics_changed(self, metrics: Any) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_metrics_changed, metrics):
+        if not on_main_thread(self._bridge, self._on_metrics_changed, metrics):
             return
         metrics = metrics if isinstance(metrics, dict) else None
         probe = getattr(self.review, "probe", None)
@@ -1162,7 +1162,7 @@ class ReviewWidget(QWidget):
         )
 
     def _on_settings_changed(self) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_settings_changed):
+        if not on_main_thread(self._bridge, self._on_settings_changed):
             return
         self._sync_controls()
         seen = (self.review.threshold, tuple(self.table.classes))
@@ -1172,7 +1172,7 @@ class ReviewWidget(QWidget):
             self._schedule_counts()
 
     def _on_busy_changed(self, busy: bool) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_busy_changed, busy):
+        if not on_main_thread(self._bridge, self._on_busy_changed, busy):
             return
         retraining = bool(getattr(self.retrainer, "retraining", busy))
         self._busy = bool(busy)
@@ -1186,7 +1186,7 @@ class ReviewWidget(QWidget):
         self.session.select(rows, origin=GALLERY_ORIGIN)
 
     def _on_selection_changed(self, rows: np.ndarray, origin: str) -> None:
-        if not _bridge_if_needed(self._bridge, self._on_selection_changed, rows, origin):
+        if not on_main_thread(self._bridge, self._on_selection_changed, rows, origin):
             return
         if len(rows) and int(np.max(rows)) >= len(self.gallery._section_code):
             self._schedule_rebuild()  # cells arrived that the gallery has not seen yet
@@ -1329,7 +1329,7 @@ class ReviewWidget(QWidget):
         self.gallery.stop()
         if self._queue_worker is not None:
             self._queue_worker.quit()
-        _disconnect_groups(self._slots)
+        disconnect_groups(self._slots)
         self._lifeline.cut()
 
 
