@@ -42,8 +42,14 @@ def stored_threshold(table: CellTable, default: float = 0.0) -> float:
     return default if value is None else float(value)
 
 
-def counted_labels(table: CellTable, *, threshold: float | None = None) -> np.ndarray:
-    """The class each cell counts as in a differential.
+def counted_labels(
+    table: CellTable,
+    *,
+    threshold: float | None = None,
+    rows: np.ndarray | None = None,
+    unpredicted: str = UNIDENTIFIED,
+) -> np.ndarray:
+    """The class each cell counts as in a differential (and shows under in the gallery).
 
     Parameters
     ----------
@@ -52,24 +58,33 @@ def counted_labels(table: CellTable, *, threshold: float | None = None) -> np.nd
         Predictions with a confidence below this count as :data:`UNIDENTIFIED`
         (default: the threshold stored with the project, else 0: every prediction
         counts).
+    rows : ndarray of int, optional
+        Row positions (default: all cells).
+    unpredicted : str
+        What a cell with neither label nor prediction is: :data:`UNIDENTIFIED` in a
+        count, :data:`UNLABELLED` as a gallery section.
 
     Returns
     -------
-    ndarray of object, shape (n_cells,)
+    ndarray of object, shape (n,)
         The curated label, else the prediction (confidence >= threshold), else
-        :data:`UNIDENTIFIED`. :data:`NOT_CLASSED` cells keep that name (the counts
-        leave them out).
+        :data:`UNIDENTIFIED` (``unpredicted`` without a prediction).
+        :data:`NOT_CLASSED` cells keep that name (the counts leave them out).
     """
     if threshold is None:
         threshold = stored_threshold(table)
     obs = table.obs
+    if rows is not None:
+        obs = obs.iloc[np.asarray(rows, dtype=np.int64)]
     label = obs["label"].astype(object).to_numpy()
     pred = obs["prediction"].astype(object).to_numpy()
     conf = pd.to_numeric(obs["confidence"], errors="coerce").to_numpy(dtype=float)
     has_label = pd.notna(label)
     # a missing confidence with a prediction (e.g. imported) is trusted
-    trusted = pd.notna(pred) & ~(np.nan_to_num(conf, nan=1.0) < threshold)
+    has_pred = pd.notna(pred)
+    trusted = has_pred & ~(np.nan_to_num(conf, nan=1.0) < threshold)
     out = np.full(len(label), UNIDENTIFIED, dtype=object)
+    out[~has_pred] = unpredicted
     out[trusted] = pred[trusted]
     out[has_label] = label[has_label]
     return out

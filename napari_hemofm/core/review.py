@@ -41,6 +41,7 @@ from napari_hemofm.core.report import (
     UNIDENTIFIED,
     UNLABELLED,
     GroupBy,
+    counted_labels,
     differential_counts,
     differential_summary,
     sign_off,
@@ -422,9 +423,8 @@ class Review:
         # predictions naming a class that is going away are blanked until the probe's
         # next step, which re-predicts exactly those cells (their labelled neighbours
         # changed class); the class list cannot drop a name still in use
-        pred = self.table.obs["prediction"].astype(object).to_numpy()
-        keep = set(classes)
-        hit = np.flatnonzero(np.array([p is not None and p == p and p not in keep for p in pred]))
+        pred = self.table.obs["prediction"]
+        hit = np.flatnonzero((pred.notna() & ~pred.isin(list(classes))).to_numpy())
         if len(hit):
             self.table.set_predictions(hit, [None] * len(hit), np.full(len(hit), np.nan))
             self.events.predictions_changed.emit(hit.astype(np.int64))
@@ -495,11 +495,7 @@ class Review:
         self._needs_full = False
         if X is None:
             return lambda: None
-        labels = self._labels_array()
-        if self.reference is not None:
-            # reference cells sit after the table's rows: table row i is probe row i
-            X = np.concatenate([X, self.reference[0]])
-            labels = np.concatenate([labels, self.reference[1]])
+        X, labels = self._with_reference(X, self._labels_array())
         k = self.effective_k(labels)
         probe = self.probe
         if probe is not None and self._kind == "knn" and probe.k != k:
@@ -573,6 +569,18 @@ class Review:
             self.table.set_predictions(rows, update.prediction, update.confidence)
         if len(rows):
             self.events.predictions_changed.emit(rows)
+
+    def _with_reference(self, X: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The probe's rows: the table's cells, then the reference cells (if any).
+
+        Table row ``i`` is probe row ``i``, so pending rows and updates need no mapping.
+        """
+        if self.reference is None:
+            return X, labels
+        return (
+            np.concatenate([X, self.reference[0]]),
+            np.concatenate([labels, self.reference[1]]),
+        )
 
     @property
     def _n_reference(self) -> int:
@@ -704,20 +712,11 @@ class Review:
         -------
         ndarray of object, shape (n,)
         """
-        obs = self.table.obs
-        if rows is not None:
-            obs = obs.iloc[np.asarray(rows, dtype=np.int64)]
-        label = obs["label"].astype(object).to_numpy()
-        pred = obs["prediction"].astype(object).to_numpy()
-        conf = pd.to_numeric(obs["confidence"], errors="coerce").to_numpy(dtype=float)
-        out = np.full(len(obs), UNLABELLED, dtype=object)
-        has_pred = pd.notna(pred)
-        low = has_pred & (np.nan_to_num(conf, nan=1.0) < self._threshold)
-        out[has_pred] = pred[has_pred]
-        out[low] = UNIDENTIFIED
-        has_label = pd.notna(label)
-        out[has_label] = label[has_label]
-        return out
+        # the differential's rule (report.counted_labels), so the gallery and the
+        # counts always agree; only a cell without any prediction reads differently
+        return counted_labels(
+            self.table, threshold=self._threshold, rows=rows, unpredicted=UNLABELLED
+        )
 
     def sections(self) -> dict[str, np.ndarray]:
         """Row positions per gallery section, in display order.
@@ -766,13 +765,10 @@ class Review:
         """
         from napari_hemofm.core.classify import label_next
 
-        X, labels = self._features()
+        X, labels = self._with_reference(*self._features())
         coords = self.table.adata.obsm.get("X_umap")
-        if self.reference is not None:  # probe rows = table rows + reference rows
-            X = np.concatenate([X, self.reference[0]])
-            labels = np.concatenate([labels, self.reference[1]])
-            if coords is not None:
-                coords = np.concatenate([coords, np.full((self._n_reference, 2), np.nan)])
+        if coords is not None and self.reference is not None:
+            coords = np.concatenate([coords, np.full((self._n_reference, 2), np.nan)])
         with self._probe_lock:
             rows = label_next(
                 self.probe,
