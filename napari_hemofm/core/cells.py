@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from psygnal import Signal, SignalGroup
 
+from napari_hemofm.core.labels import clean_labels, is_unlabelled
+
 if TYPE_CHECKING:
     import anndata as ad
 
@@ -344,13 +346,13 @@ class CellTable:
             The previous labels of these cells (for undo), indexed by cell id.
         """
         ids = _as_list(cell_ids)
-        if isinstance(labels, str) or labels is None or np.isscalar(labels):
+        if isinstance(labels, str) or np.isscalar(labels) or is_unlabelled(labels):
             values = [labels] * len(ids)
         else:
             values = list(labels)
             if len(values) != len(ids):
                 raise ValueError(f"got {len(values)} labels for {len(ids)} cells")
-        values = [_clean_label(v) for v in values]
+        values = list(clean_labels(values))
         pos = self.positions(ids)
         if self.journal is not None:
             # on disk before the change exists anywhere else: an acknowledged label survives
@@ -561,15 +563,6 @@ def _as_list(cell_ids: Iterable[str] | str) -> list[str]:
     if isinstance(cell_ids, str):
         return [cell_ids]
     return [str(c) for c in cell_ids]
-
-
-def _clean_label(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    text = str(value).strip()
-    return text or None
 
 
 def _concat_obs(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
