@@ -44,8 +44,8 @@ def main() -> None:
 
     from sklearn.neighbors import NearestNeighbors
 
-    from napari_hemofm.core.classify import evaluate_probe
     from napari_hemofm.core.embed import embed_cells
+    from napari_hemofm.core.evaluation import evaluate_probe
     from napari_hemofm.core.inputs import collect_cells
     from napari_hemofm.core.models import load_backbone
 

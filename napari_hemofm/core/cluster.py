@@ -12,8 +12,10 @@ a per-cell function, the merged project has the same cell ids, order and embeddi
 :func:`single-process <napari_hemofm.cli.cmd_embed>` ``hemofm embed``.
 
 Running the same command again skips every chunk whose file exists (the key in its
-name covers the chunk's sources, their sizes and times, the model, weights and
-options), so an interrupted run resumes; a task whose worker dies is retried by Dask.
+name covers the chunk's sources, their sizes and times, the model, the weights' path
+and sha256, and the options), so an interrupted run resumes, and weights replaced under
+the same path are never mixed with chunks embedded by the old ones; a task whose worker
+dies is retried by Dask.
 
 ``dask.distributed`` is an optional dependency (``pip install "napari-hemofm[cluster]"``);
 it is imported only here, inside functions.
@@ -25,9 +27,12 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+# one job class for every run (panel, CLI, API, cluster)
+from napari_hemofm.core.embed_job import EmbedJob
 
 if TYPE_CHECKING:
     from napari_hemofm.core.cells import CellTable
@@ -39,16 +44,13 @@ CHUNK_PREFIX = "chunk-"
 _CARRIED = ("source", "batch", "x", "y", "x0", "y0", "x1", "y1", "label", "score")
 
 
-@dataclass(frozen=True)
-class EmbedJob:
-    """What every chunk of one run shares (sent to the workers)."""
+def with_weights_sha256(job: EmbedJob) -> EmbedJob:
+    """``job`` with the sha256 of its weights file filled in (unchanged without weights)."""
+    if job.weights is None or job.weights_sha256 is not None:
+        return job
+    from napari_hemofm.core.weights import sha256_file
 
-    model: str
-    weights: str | None = None
-    device: str = "cpu"
-    precision: str = "fp32"
-    batch_size: int = 32
-    pixel_size_um: float | None = None
+    return replace(job, weights_sha256=sha256_file(job.weights))
 
 
 # one backbone per worker process, loaded on its first chunk
@@ -58,12 +60,18 @@ _BACKBONES: dict[tuple, Any] = {}
 def _worker_backbone(job: EmbedJob) -> Any:
     from napari_hemofm.core.models import load_backbone
 
-    key = (job.model, job.weights, job.device, job.precision)
+    key = (job.model, job.weights, job.weights_sha256, job.device, job.precision)
     backbone = _BACKBONES.get(key)
     if backbone is None:
         backbone = load_backbone(
             job.model, weights=job.weights, device=job.device, precision=job.precision
         )
+        if job.weights_sha256 is not None and backbone.weights_sha256 != job.weights_sha256:
+            raise RuntimeError(
+                f"the weights file {job.weights} changed during the run (sha256 "
+                f"{str(backbone.weights_sha256)[:12]}... instead of "
+                f"{job.weights_sha256[:12]}...); run the command again"
+            )
         _BACKBONES[key] = backbone
     return backbone
 
@@ -103,9 +111,14 @@ def chunk_sources(sources: Sequence[Source], chunk_size: int) -> list[list[Sourc
 
 
 def chunk_key(sources: Sequence[Source], job: EmbedJob) -> str:
-    """A hash of a chunk's sources (path, size, mtime, batch, id part) and the job."""
+    """A hash of a chunk's sources (path, size, mtime, batch, id part) and the job.
+
+    The job's weights count by content: their sha256 is part of the key (computed here
+    when the job does not carry it yet), so the same path holding other weights gives
+    other keys.
+    """
     digest = hashlib.blake2b(digest_size=8)
-    digest.update(json.dumps(asdict(job), sort_keys=True).encode())
+    digest.update(json.dumps(asdict(with_weights_sha256(job)), sort_keys=True).encode())
     for src in sources:
         try:
             stat = os.stat(src.path)
@@ -187,7 +200,7 @@ def merge_chunks(paths: Sequence[str | Path]) -> tuple[CellTable, list[tuple[str
     skipped: list[tuple[str, str]] = []
     meta: dict[str, Any] = {}
     for path in paths:
-        part = load_project(path)
+        part = load_project(path, mode="r")  # read only: no lock on the chunk files
         skipped.extend(tuple(s) for s in json.loads(str(part.meta.get("skipped", "[]"))))
         for key in ("model", "weights_sha256", "input_size", "embedding_dim", "precision"):
             if key in part.meta:
@@ -195,14 +208,43 @@ def merge_chunks(paths: Sequence[str | Path]) -> tuple[CellTable, list[tuple[str
         if "pixel_size_um" in part.meta:
             meta["pixel_size_um"] = float(part.meta["pixel_size_um"])
         if part.n_cells:
-            extra = [c for c in part.obs.columns if c == "score"]
+            extra = [c for c in part.obs.columns if c in ("score", "slide")]
             frame = part.obs[
                 ["source", "batch", "x", "y", "x0", "y0", "x1", "y1", "label", *extra]
             ]
             emb = part.embeddings
-            merged.add_cells(frame, embeddings=None if emb is None else np.asarray(emb))
+            if emb is not None:  # skipped means skipped: a cell not embedded stays out
+                ok = np.isfinite(np.asarray(emb)).all(axis=1)
+                frame, emb = frame[ok], np.asarray(emb)[ok]
+            merged.add_cells(frame, embeddings=emb)
     merged.update_meta(**{k: (v.item() if hasattr(v, "item") else v) for k, v in meta.items()})
     return merged, skipped
+
+
+def _check_pixel_size(sources: Sequence[Source], pixel_size_um: float | None) -> None:
+    """Refuse a pixel size that fits none of the smears, from their headers only.
+
+    Raises
+    ------
+    ValueError
+        From :func:`~.detect.check_pixel_size_fits`, naming the first smear it fails.
+    """
+    if pixel_size_um is None:
+        return
+    from napari_hemofm.core.detect import check_pixel_size_fits
+    from napari_hemofm.core.io import ImageReadError, image_size
+
+    for src in sources:
+        if src.kind == "crop":
+            continue
+        try:
+            shape = image_size(src.path)
+        except ImageReadError:
+            continue  # skipped later, with the other unreadable files
+        try:
+            check_pixel_size_fits(shape, pixel_size_um)
+        except ValueError as exc:
+            raise ValueError(f"{src.path}: {exc}") from None
 
 
 def embed_on_cluster(
@@ -255,6 +297,8 @@ def embed_on_cluster(
         ) from exc
 
     kind, n_workers = parse_cluster(cluster)
+    _check_pixel_size(scan.sources, job.pixel_size_um)  # on the client, before any task
+    job = with_weights_sha256(job)  # hashed once here, not per chunk
     folder = chunk_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
     chunks = chunk_sources(scan.sources, chunk_size)

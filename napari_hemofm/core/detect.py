@@ -243,6 +243,38 @@ def _table(
     )
 
 
+def check_pixel_size_fits(shape: tuple[int, int], pixel_size_um: float | None) -> None:
+    """Refuse a pixel size at which not even one white cell fits in the image.
+
+    Detection scales its windows to the cell size in pixels (``RBC_DIAMETER_UM /
+    pixel_size_um``); with a pixel size off by orders of magnitude (nm typed as um) those
+    windows would be larger than the image, and padding them would need petabytes.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        The image's ``(height, width)`` in pixels.
+    pixel_size_um : float or None
+        Micrometres per pixel; None (estimated from the image) always passes.
+
+    Raises
+    ------
+    ValueError
+        When a WBC (``WBC_DIAMETER_UM``) would be wider than the image's longer side.
+    """
+    if pixel_size_um is None:
+        return
+    _check_pixel_size(pixel_size_um)
+    cell_px = WBC_DIAMETER_UM / pixel_size_um
+    h, w = int(shape[0]), int(shape[1])
+    if cell_px > max(h, w):
+        raise ValueError(
+            f"pixel size {pixel_size_um:g} um is too small for a {w}x{h} image: a white "
+            f"cell ({WBC_DIAMETER_UM:g} um) would be {cell_px:.3g} px wide, more than the "
+            "whole image (smears are usually 0.1 to 1 um per pixel)"
+        )
+
+
 def _check_pixel_size(pixel_size_um: float | None) -> None:
     if pixel_size_um is not None and not (pixel_size_um > 0 and math.isfinite(pixel_size_um)):
         raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um!r}")
@@ -905,6 +937,7 @@ def detect_wbcs(
     if int(tile_size) < 1:
         raise ValueError(f"tile_size must be >= 1, got {tile_size}")
     h, w = shape[:2]
+    check_pixel_size_fits((h, w), pixel_size_um)  # before any window is allocated
     if min(h, w) < 16:
         return _empty_table()
     scale = _image_scale(image, pixel_size_um)

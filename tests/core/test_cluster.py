@@ -8,9 +8,11 @@ from PIL import Image
 from napari_hemofm.core.cluster import (
     EmbedJob,
     chunk_dir,
+    chunk_key,
     chunk_sources,
     embed_on_cluster,
     parse_cluster,
+    with_weights_sha256,
 )
 from napari_hemofm.core.inputs import scan_inputs
 from napari_hemofm.core.synthetic import make_smear, write_crop_folder
@@ -61,6 +63,34 @@ def test_chunks_are_consecutive_and_cover_everything(inputs):
     chunks = chunk_sources(sources, 4)
     assert [s for c in chunks for s in c] == sources
     assert all(len(c) <= 4 for c in chunks)
+
+
+def test_chunk_key_follows_the_weights_content_not_only_their_path(inputs, tmp_path):
+    """Same path, other bytes (same size, mtime set back): another key; same bytes: same."""
+    import os
+    import time
+
+    sources = scan_inputs(inputs).sources[:3]
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"A" * 1000)
+    stamp = weights.stat().st_mtime_ns
+    job = EmbedJob(model="dinobloom-s", weights=str(weights))
+    first = chunk_key(sources, job)
+    assert chunk_key(sources, job) == first  # stable
+    time.sleep(0.05)  # past the kernel's coarse ctime tick (a rewrite is never this quick)
+    weights.write_bytes(b"B" * 1000)  # a retrained checkpoint copied over the old one
+    os.utime(weights, ns=(stamp, stamp))  # even with the old time (cp -p, rsync -t)
+    second = chunk_key(sources, job)
+    assert second != first
+    filled = with_weights_sha256(job)
+    assert filled.weights_sha256 is not None
+    assert len(filled.weights_sha256) == 64
+    assert chunk_key(sources, filled) == second  # a job that carries the hash: same key
+    time.sleep(0.05)
+    weights.write_bytes(b"A" * 1000)
+    assert chunk_key(sources, job) == first  # the old content again: the old chunks count
+    # without weights nothing is hashed and the key is the path-free job's
+    assert with_weights_sha256(EmbedJob(model="handcrafted")).weights_sha256 is None
 
 
 def test_two_worker_cluster_gives_the_single_process_project(inputs, single, tmp_path):

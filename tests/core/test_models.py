@@ -1,4 +1,4 @@
-"""Backbone registry, weight resolution and DinoBloom checkpoint loading (core/models.py).
+"""Backbone registry (core/models.py), weight resolution and checkpoint loading (core/weights.py).
 
 The real weights cannot be downloaded here, so the tests write random weights in both
 released layouts (shapes from the shared docs/dinobloom.md, not from our code): the
@@ -32,8 +32,10 @@ from napari_hemofm.core.models import (
     WeightsError,
     build_model,
     load_backbone,
-    load_state_dict,
     prepare_crop,
+)
+from napari_hemofm.core.weights import (
+    load_state_dict,
     resolve_weights,
     sha256_file,
     weights_cache_dir,
@@ -291,9 +293,9 @@ def test_meta_device_model_has_the_documented_parameter_count(name):
 
 
 def test_importing_models_stays_light():
-    """`import napari_hemofm.core.models` loads none of torch, timm, safetensors, hub."""
+    """Importing core.models and core.weights loads none of torch, timm, safetensors, hub."""
     code = (
-        "import sys, napari_hemofm.core.models\n"
+        "import sys, napari_hemofm.core.models, napari_hemofm.core.weights\n"
         "heavy = ('torch', 'timm', 'safetensors', 'huggingface_hub')\n"
         "print(','.join(m for m in heavy if m in sys.modules))"
     )
