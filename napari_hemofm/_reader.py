@@ -92,12 +92,9 @@ def _current_viewer() -> Any:
 
 
 def _notify(text: str) -> None:
-    try:
-        from napari.utils.notifications import show_info
+    from napari_hemofm._widgets._project import notify
 
-        show_info(text)
-    except Exception:  # no napari GUI: the log is enough
-        log.info(text)
+    notify(text)
 
 
 # ------------------------------------------------------------------------- montage
@@ -217,9 +214,11 @@ def read_project(path: str) -> list[LayerData]:
     ValueError
         When the file is not a readable project (the message says why).
     """
-    from napari_hemofm.core.io import load_project
+    from napari_hemofm._widgets._project import open_project
 
-    table = load_project(path)
+    viewer = _current_viewer()
+    # with a viewer: the lock (else read-only) and "locate images"; without: read-only
+    table = open_project(path, interactive=viewer is not None)
     name = Path(path).stem
     obs = table.obs
     crop = _is_crop(obs).to_numpy()
@@ -246,7 +245,6 @@ def read_project(path: str) -> list[LayerData]:
     montage = _montage_layer(obs[crop], f"{name} crops")
     if montage is not None:
         layers.append(montage)
-    viewer = _current_viewer()
     if viewer is None:
         return layers + _points_layers(table, layers)
     from napari_hemofm._widgets._layers import get_layer_sync
@@ -258,7 +256,10 @@ def read_project(path: str) -> list[LayerData]:
     for src, data in images.items():
         session.add_image(src, data)
     get_layer_sync(viewer)  # makes the cells layers as the images arrive
+    old = session.table
     session.set_table(table)
+    if old is not table:
+        old.close()  # the replaced project's lock goes back
     return layers
 
 
@@ -285,7 +286,7 @@ def read_crop_folder(path: str) -> list[LayerData]:
     """Open a crop folder ``<root>/<class>/<file>``: its crops as cells and a montage.
 
     Each crop is one cell labelled with its folder name (``label_origin`` ``imported``),
-    batch = the folder's name, id ``"<batch>/<class>/<file>#0"`` (DESIGN.md). The cells
+    batch = the folder's name, id ``"<folder>/<class>/<file>#0"`` (DESIGN.md). The cells
     are added to the viewer's session (not embedded yet: the Embed panel's Run embeds
     them); crops already in the session are not added twice.
 
