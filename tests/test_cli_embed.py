@@ -155,3 +155,80 @@ def test_eval_errors_are_one_line(tmp_path, crops, fake_weights):
     assert proc.returncode == 1
     assert proc.stderr.startswith("hemofm: error:")
     assert "Traceback" not in proc.stderr
+
+
+def test_embed_adds_to_an_existing_project(tmp_path, capsys):
+    """A second `hemofm embed --out EXISTING` keeps known cells (ids, labels, embeddings),
+    embeds only the new ones and says how many were reused; --batch on a re-run sets the
+    batch without touching ids; another --model is refused in one line (exit 1) unless
+    --reembed, which keeps ids and labels."""
+    from napari_hemofm.core.io import load_project, save_project
+
+    smears = tmp_path / "ward"
+    smears.mkdir()
+    Image.fromarray(make_smear(3, shape=(384, 512), n_wbc=3).image).save(smears / "s.png")
+    crops = tmp_path / "lab"
+    write_crop_folder(crops, n_per_class=2, seed=0, size=64)
+    out = tmp_path / "p.h5ad"
+    assert main(["embed", str(smears), "--out", str(out)]) == 0
+    table = load_project(out)
+    ids = table.cell_ids.tolist()
+    emb = table.embeddings.copy()
+    table.set_labels([ids[0]], "monocyte")
+    save_project(table, out)
+    table.close()
+    capsys.readouterr()
+
+    assert main(["embed", str(smears), str(crops), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"reused {len(ids)} cell(s)" in err
+    table = load_project(out)
+    assert table.cell_ids[: len(ids)].tolist() == ids
+    np.testing.assert_array_equal(table.embeddings[: len(ids)], emb)
+    assert table.obs.loc[ids[0], "label"] == "monocyte"
+    n_all = table.n_cells
+    assert n_all == len(ids) + 10
+    table.close()
+
+    assert main(["embed", str(smears), "--batch", "scanner-2", "--out", str(out)]) == 0
+    table = load_project(out)
+    assert table.cell_ids.tolist()[: len(ids)] == ids
+    assert set(table.obs.loc[ids, "batch"]) == {"scanner-2"}
+    assert set(table.obs["batch"]) == {"scanner-2", "lab"}
+    assert table.obs.loc[ids[0], "label"] == "monocyte"
+    table.close()
+
+    proc = run("embed", str(smears), "--model", "dinobloom-s", "--out", str(out))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    proc = run("embed", str(smears), "--stain-norm", "reinhard", "--out", str(out))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("hemofm: error:")
+    assert "--reembed" in proc.stderr
+
+    assert (
+        main(["embed", str(smears), "--stain-norm", "reinhard", "--reembed", "--out", str(out)])
+        == 0
+    )
+    table = load_project(out)
+    assert table.n_cells == n_all
+    assert table.cell_ids[: len(ids)].tolist() == ids
+    assert table.obs.loc[ids[0], "label"] == "monocyte"
+    assert table.meta["stain_norm"]["method"] == "reinhard"
+    assert np.isfinite(table.embeddings).all()
+
+
+def test_a_corrupt_crop_is_named_and_left_out(tmp_path, capsys):
+    """A crop whose pixels are cut off is named in the warning and is not in the project
+    (no NaN embedding); the run still succeeds."""
+    crops = tmp_path / "lab"
+    write_crop_folder(crops, n_per_class=2, seed=0, size=64)
+    victim = sorted((crops / "basophil").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:60])
+    out = tmp_path / "p.h5ad"
+    assert main(["embed", str(crops), "--out", str(out)]) == 0
+    assert str(victim) in capsys.readouterr().err
+    adata = ad.read_h5ad(out)
+    assert adata.n_obs == 9
+    assert str(victim) not in set(adata.obs["source"])
+    assert np.isfinite(adata.obsm["X_embed"]).all()

@@ -1,23 +1,22 @@
 """The "Embed cells" panel: find the cells in image layers, embed them, fill the session.
 
-The panel turns layers into arrays on the main thread, runs detection and the
-embedding pipeline (:mod:`napari_hemofm.core.detect`, :mod:`napari_hemofm.core.embed`)
-in a ``thread_worker`` generator that yields progress, and writes the result into the
-viewer's cell table on the main thread; :class:`~._layers.CellsLayerSync` then shows
-a ``"<image> cells"`` Points layer on each image.
+The panel turns layers into :class:`~napari_hemofm.core.embed_job.ImageInput` s on the
+main thread, runs the core embed job (:func:`~napari_hemofm.core.embed_job.run_embed_job`,
+the same call as ``hemofm embed`` and the API) in a ``thread_worker`` generator that
+yields progress, and commits the outcome into the viewer's cell table on the main
+thread (:func:`~napari_hemofm.core.embed_job.commit_outcome`);
+:class:`~._layers.CellsLayerSync` then shows a ``"<image> cells"`` Points layer on
+each image. The model / weights / device / batch size / stain normalisation form is a
+magicgui ``Container``; the image list is hand-built Qt (checkboxes, editable batch and
+slide cells, several rows selected at once).
 
-What a run does to the session (also in ``docs/embed-panel.md``):
-
-- the checked images' cells are detected (or taken from a Labels / Points layer) with
-  ids ``"<batch>/<layer name>#<n>"``; an image embedded before has its cells
-  *replaced* (labels carry over to a new cell with the same id and nearly the same
-  centre);
-- cells already in the session without an embedding (a crop folder, a project) are
-  embedded too;
-- when the model differs from the one the session's cells were embedded with, every
-  cell of the session is re-embedded, so that all embeddings share one space;
-- Cancel keeps what was embedded so far (cells without an embedding are not added),
-  except when re-embedding under a new model, where a cancel changes nothing.
+What a run does to the session (also in ``docs/embed-panel.md``): images that are new
+or whose settings (cells from, pixel size, the Labels / Points data) changed are
+detected; known images keep their cells, ids, labels and embeddings; a batch or slide
+edit only sets those columns. Cell ids are ``"<folder>/<file>#<n>"`` for an image
+opened from a file (as the CLI gives) and ``"<layer>/<layer>#<n>"`` otherwise, and never
+change. Another model or stain setting is refused unless "Re-embed all cells" is
+ticked. Cancel changes nothing.
 
 Errors (no image checked, no cells found, missing weights, CUDA absent) are shown in
 the panel and as a napari notification, never as a traceback dialog.
@@ -30,9 +29,7 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,7 +41,6 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -53,13 +49,13 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
+from napari_hemofm._widgets._docking import ElidedLabel, setup_dock
 from napari_hemofm._widgets._layers import (
     CELLS_KEY,
     MONTAGE_KEY,
@@ -69,22 +65,20 @@ from napari_hemofm._widgets._layers import (
 )
 from napari_hemofm._widgets._session import get_session
 from napari_hemofm._widgets._workers import start_worker
+from napari_hemofm.core.embed_job import (
+    EmbedJob,
+    EmbedOutcome,
+    ImageInput,
+    TableState,
+    commit_outcome,
+    run_embed_job,
+)
 from napari_hemofm.core.models import MODEL_NAMES
 
 if TYPE_CHECKING:
     import napari
 
-    from napari_hemofm.core.cells import CellTable
-
-__all__ = [
-    "DETECT",
-    "EmbedJob",
-    "EmbedOutcome",
-    "EmbedWidget",
-    "ImageInput",
-    "commit_outcome",
-    "run_embed_job",
-]
+__all__ = ["DETECT", "EmbedWidget", "PanelRun", "build_form"]
 
 log = logging.getLogger(__name__)
 
@@ -92,146 +86,63 @@ log = logging.getLogger(__name__)
 DETECT = "Detect WBCs"
 DEFAULT_MODEL = "handcrafted"
 DEFAULT_BATCH_SIZE = 32
+#: Columns of the image list.
+NAME_COL, BATCH_COL, SLIDE_COL = 0, 1, 2
 
 
-# ----------------------------------------------------------------------------- the job
-@dataclass
-class ImageInput:
-    """One image layer to embed.
-
-    Attributes
-    ----------
-    name : str
-        Layer name (the middle of the cell ids ``"<batch>/<name>#<n>"``).
-    source : str
-        The cells' ``source``: the image file the layer was opened from, else the
-        layer name (see :func:`~._layers.source_key`).
-    data : array
-        The image (level 0 of a multiscale layer).
-    batch : str
-    pixel_size_um : float or None
-    """
-
-    name: str
-    source: str
-    data: Any
-    batch: str
-    pixel_size_um: float | None = None
-
-
-@dataclass
-class EmbedJob:
-    """Everything a run needs, as plain data (built on the main thread).
+class PanelRun:
+    """One run of the panel: the job, its inputs and a snapshot of the table (plain data).
 
     Attributes
     ----------
-    images : list of ImageInput
-        The checked images.
-    source : {"detect", "labels", "points"}
-        Where the cells come from.
-    source_data : dict of str to array
-        Per image name: the Labels array, or the (N, 2) points in that image's pixel
-        coordinates (``"labels"`` / ``"points"`` only).
-    model, weights, device : str
-        Backbone name, weights path ("" = look in the cache), torch device.
-    batch_size : int
-        Cells per forward pass.
-    pending : pandas.DataFrame
-        Cells already in the session without an embedding (``source`` and crop box),
-        indexed by their table row: embedded in the same run.
-    others : pandas.DataFrame
-        Every cell of the session not on a checked image, same columns: embedded in
-        the same run when the model turns out to differ from ``old_meta``.
-    other_images : dict of str to array
-        In-memory images of the sources of ``pending`` and ``others``.
-    old_meta : dict or None
-        ``model`` and ``weights_sha256`` of the session's embeddings (None when no
-        cell is embedded yet).
-    table_id : int
-        ``id()`` of the session's table when the job was built (a run whose table
-        was replaced meanwhile is not committed).
+    job : EmbedJob
+    inputs : list of ImageInput
+    state : TableState
+        The session's table as it was when Run was pressed.
+    reembed : bool
+    images : dict of str to array
+        In-memory images of the table's other sources (layers).
     """
 
-    images: list[ImageInput]
-    source: Literal["detect", "labels", "points"] = "detect"
-    source_data: dict[str, Any] = field(default_factory=dict)
-    model: str = DEFAULT_MODEL
-    weights: str = ""
-    device: str = "cpu"
-    batch_size: int = DEFAULT_BATCH_SIZE
-    pending: pd.DataFrame = field(default_factory=lambda: _empty_rows())
-    others: pd.DataFrame = field(default_factory=lambda: _empty_rows())
-    other_images: dict[str, Any] = field(default_factory=dict)
-    old_meta: dict[str, Any] | None = None
-    table_id: int = 0
-
-
-_ROW_COLUMNS = ["source", "x0", "y0", "x1", "y1"]
-
-
-def _empty_rows() -> pd.DataFrame:
-    return pd.DataFrame(columns=_ROW_COLUMNS, index=pd.Index([], dtype=np.int64, name="row"))
-
-
-@dataclass
-class EmbedOutcome:
-    """What a run produced (returned by :func:`run_embed_job`).
-
-    Attributes
-    ----------
-    cells : pandas.DataFrame
-        New cells of the checked images (index = cell id).
-    embeddings : ndarray of shape (len(cells), dim)
-        Their embeddings (NaN rows were not embedded).
-    extra_rows : ndarray of int
-        Table rows of the session's cells embedded in this run (``job.pending``, or
-        ``job.others`` when the model changed).
-    extra_embeddings : ndarray of shape (len(extra_rows), dim)
-        Their embeddings, same order.
-    done, extra_done : ndarray of bool
-        Which rows were embedded.
-    model_changed : bool
-        The session's earlier embeddings came from another model or other weights.
-    meta : dict
-        The backbone's facts (model, weights sha256, input size, ...).
-    cancelled : bool
-    error : str or None
-        A message for the user when nothing could be done.
-    skipped : list of (str, str)
-        Sources that could not be read.
-    seconds : float
-    """
-
-    cells: pd.DataFrame = field(default_factory=pd.DataFrame)
-    embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
-    extra_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    extra_embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
-    done: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    extra_done: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    model_changed: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
-    cancelled: bool = False
-    error: str | None = None
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
+    def __init__(
+        self,
+        job: EmbedJob,
+        inputs: list[ImageInput],
+        state: TableState,
+        *,
+        reembed: bool = False,
+        images: dict[str, Any] | None = None,
+    ) -> None:
+        self.job = job
+        self.inputs = inputs
+        self.state = state
+        self.reembed = reembed
+        self.images = dict(images or {})
 
 
 Progress = tuple[str, int, int]
-"""``(what, done, total)`` yielded by the job generators."""
+"""``(what, done, total)`` yielded by the worker generators."""
 
 
-def _in_thread(fn: Callable[[Callable[[int, int], None]], Any], what: str) -> Generator:
-    """Run ``fn(progress)`` in a helper thread; yield its progress; return its result.
+def _in_thread(fn: Callable[..., Any], what: str) -> Generator:
+    """Run ``fn(progress, stage)`` in a helper thread; yield its progress; return its result.
 
-    The core functions report progress through a callback; a generator cannot yield
-    from inside a callback, so the work runs beside it and the callback feeds a queue.
+    The core reports progress through callbacks; a generator cannot yield from inside
+    a callback, so the work runs beside it and the callbacks feed a queue.
     """
     q: queue.Queue = queue.Queue()
-    box: dict[str, Any] = {}
+    box: dict[str, Any] = {"what": what}
+
+    def progress(done: int, total: int) -> None:
+        q.put((box["what"], int(done), int(total)))
+
+    def stage(name: str) -> None:
+        box["what"] = name
+        q.put((name, 0, 0))
 
     def target() -> None:
         try:
-            box["result"] = fn(lambda done, total: q.put((what, int(done), int(total))))
+            box["result"] = fn(progress, stage)
         except BaseException as exc:
             box["error"] = exc
         finally:
@@ -250,112 +161,23 @@ def _in_thread(fn: Callable[[Callable[[int, int], None]], Any], what: str) -> Ge
     return box.get("result")
 
 
-def _find_cells(job: EmbedJob, image: ImageInput) -> pd.DataFrame:
-    """Cell rows of one image: detected, or one per label / point of the source layer."""
-    from napari_hemofm.core.detect import cells_from_labels, cells_from_points
-    from napari_hemofm.core.inputs import cells_from_image, detections_to_cells
-
-    px = image.pixel_size_um
-    if job.source == "detect":
-        cells = cells_from_image(image.data, name=image.name, batch=image.batch, pixel_size_um=px)
-        cells["source"] = image.source
-        return cells
-    if job.source == "labels":
-        found = cells_from_labels(job.source_data[image.name], pixel_size_um=px)
-    else:
-        found = cells_from_points(job.source_data[image.name], pixel_size_um=px)
-    return detections_to_cells(found, source=image.source, batch=image.batch, rel=image.name)
-
-
-def run_embed_job(
-    job: EmbedJob, cancel: threading.Event
+def run_panel_job(
+    run: PanelRun, cancel: threading.Event
 ) -> Generator[Progress, None, EmbedOutcome]:
-    """Find and embed cells: the body of the panel's worker (no Qt, no napari).
-
-    Parameters
-    ----------
-    job : EmbedJob
-    cancel : threading.Event
-        Set it to stop; checked between images and between batches.
-
-    Yields
-    ------
-    (str, int, int)
-        ``(what, done, total)``: ``"load model"``, ``"find cells"`` (images),
-        ``"embed"`` (cells).
-
-    Returns
-    -------
-    EmbedOutcome
-        Expected failures come back in ``error``, not as exceptions.
-    """
-    from napari_hemofm.core.embed import embed_cells
-    from napari_hemofm.core.models import DeviceError, WeightsError, load_backbone
-
-    start = time.perf_counter()
-    outcome = EmbedOutcome()
-    try:
-        yield ("load model", 0, 0)
-        backbone = load_backbone(job.model, weights=job.weights or None, device=job.device)
-        outcome.meta = dict(backbone.meta())
-        outcome.model_changed = _meta_differs(job.old_meta, outcome.meta)
-        extra = job.others if outcome.model_changed else job.pending
-        outcome.extra_rows = extra.index.to_numpy(dtype=np.int64)
-        frames = []
-        n_img = len(job.images)
-        for k, image in enumerate(job.images):
-            if cancel.is_set():
-                outcome.cancelled = True
-                break
-            yield ("find cells", k, n_img)
-            frames.append(_find_cells(job, image))
-        else:
-            yield ("find cells", n_img, n_img)
-        cells = pd.concat(frames) if frames else pd.DataFrame()
-        outcome.cells = cells
-        if outcome.cancelled:
-            outcome.embeddings = np.zeros((len(cells), backbone.dim), np.float32)
-            outcome.done = np.zeros(len(cells), bool)
-            outcome.extra_embeddings = np.zeros((len(extra), backbone.dim), np.float32)
-            outcome.extra_done = np.zeros(len(extra), bool)
-            return outcome
-        if len(cells) == 0 and len(extra) == 0:
-            names = ", ".join(image.name for image in job.images)
-            how = "detected" if job.source == "detect" else f"in the {job.source} layer"
-            outcome.error = f"No cells {how} for {names}: nothing to embed."
-            return outcome
-        parts = [cells[_ROW_COLUMNS]] if len(cells) else []
-        if len(extra):
-            parts.append(extra[_ROW_COLUMNS])
-        frame = pd.concat(parts, ignore_index=True)
-        images = dict(job.other_images)
-        images.update({image.source: image.data for image in job.images})
-        result = yield from _in_thread(
-            lambda progress: embed_cells(
-                frame,
-                backbone,
-                batch_size=job.batch_size,
-                images=images,
-                progress=progress,
-                cancel=cancel,
-            ),
-            "embed",
-        )
-        n_new = len(cells)
-        outcome.embeddings = result.embeddings[:n_new]
-        outcome.done = result.done[:n_new]
-        outcome.extra_embeddings = result.embeddings[n_new:]
-        outcome.extra_done = result.done[n_new:]
-        outcome.meta = dict(result.meta)
-        outcome.cancelled = bool(result.cancelled)
-        outcome.skipped = list(result.skipped)
-    except (WeightsError, DeviceError, ValueError, OSError) as exc:
-        outcome.error = str(exc)
-    except Exception as exc:  # shown in the panel; the traceback goes to the log
-        log.exception("embedding failed")
-        outcome.error = f"Embedding failed: {type(exc).__name__}: {exc}"
-    finally:
-        outcome.seconds = time.perf_counter() - start
+    """The panel worker's body: the core job, its progress yielded (no Qt, no napari)."""
+    outcome = yield from _in_thread(
+        lambda progress, stage: run_embed_job(
+            run.state,
+            run.job,
+            run.inputs,
+            reembed=run.reembed,
+            images=run.images,
+            progress=progress,
+            stage=stage,
+            cancel=cancel,
+        ),
+        "load model",
+    )
     return outcome
 
 
@@ -373,9 +195,10 @@ def run_download_job(
     (str or None, str)
         The weights path (None when it failed or was cancelled) and a message.
     """
-    from napari_hemofm.core.models import WeightsError, resolve_weights
+    from napari_hemofm.core.models import WeightsError
+    from napari_hemofm.core.weights import resolve_weights
 
-    def fetch(progress: Callable[[int, int], None]) -> Path:
+    def fetch(progress: Callable[[int, int], None], stage: Callable[[str], None]) -> Path:
         def report(done: int, total: int) -> None:
             if cancel.is_set():
                 raise _DownloadCancelled
@@ -395,148 +218,56 @@ def run_download_job(
     return str(path), f"Weights ready: {path}"
 
 
-# ---------------------------------------------------------------------------- commit
-def _carry_labels(cells: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
-    """Keep the curated labels of re-detected cells (same id, centre within half a box)."""
-    common = cells.index.intersection(old.index)
-    if len(common) == 0 or "label" not in old.columns:
-        return cells
-    o = old.loc[common]
-    n = cells.loc[common]
-    near = np.hypot(o["x"] - n["x"], o["y"] - n["y"]) <= (n["x1"] - n["x0"]) / 2
-    keep = common[near.to_numpy() & o["label"].notna().to_numpy()]
-    if len(keep) == 0:
-        return cells
-    cells = cells.copy()
-    cells["label"] = cells["label"].astype(object)
-    cells.loc[keep, "label"] = old.loc[keep, "label"].astype(object)
-    cells["label_origin"] = pd.Series(
-        np.where(cells["label"].notna(), "imported", None), index=cells.index, dtype=object
-    )
-    cells.loc[keep, "label_origin"] = old.loc[keep, "label_origin"].astype(object)
-    return cells
-
-
-def commit_outcome(
-    table: CellTable,
-    job: EmbedJob,
-    outcome: EmbedOutcome,
-    *,
-    pixel_size_um: float | None = None,
-) -> tuple[CellTable | None, str]:
-    """Write a run's result into the cell table (main thread).
-
-    Parameters
-    ----------
-    table : CellTable
-        The session's table.
-    job : EmbedJob
-    outcome : EmbedOutcome
-    pixel_size_um : float, optional
-        Written to the table's metadata.
+# ----------------------------------------------------------------------------- panel
+def build_form() -> Any:
+    """The model / weights / device / batch-size / stain normalisation form (magicgui).
 
     Returns
     -------
-    (CellTable or None, str)
-        A *new* table when images were replaced or the model changed (the caller
-        passes it to ``session.set_table``), else None (``table`` was updated in
-        place); and a one-line summary for the user.
+    magicgui.widgets.Container
+        Widgets ``model, weights, browse, download, device, batch_size, stain_norm,
+        stain_reference, reembed``.
     """
-    from napari_hemofm.core.cells import EMBEDDING_KEY, CellTable
+    from magicgui.widgets import CheckBox, ComboBox, Container, LineEdit, PushButton, SpinBox
 
-    dim = outcome.embeddings.shape[1] if outcome.embeddings.ndim == 2 else 0
-    meta = dict(outcome.meta)
-    if pixel_size_um:
-        meta["pixel_size_um"] = float(pixel_size_um)
-    if job.table_id and id(table) != job.table_id:
-        return (
-            None,
-            "The session's cells were replaced during the run (a project was "
-            "opened?): nothing was added; run again.",
-        )
-    obs = table.obs
-    replaced = sorted(set(obs["source"].astype(str)) & {image.source for image in job.images})
-    old_x = table.embeddings
-    model_changed = outcome.model_changed
-    if model_changed and not outcome.extra_done.all():
-        return None, "Cancelled: the session's cells were not all re-embedded, nothing changed."
-    new_cells = outcome.cells[outcome.done] if len(outcome.cells) else outcome.cells
-    new_emb = outcome.embeddings[outcome.done]
-    n_new = len(new_cells)
-    n_old = int(outcome.extra_done.sum())
-    if n_new == 0 and n_old == 0:
-        return None, "Cancelled before any cell was embedded: nothing changed."
-    need_new_table = (
-        bool(replaced) or model_changed or (old_x is not None and dim and old_x.shape[1] != dim)
+    from napari_hemofm.core.stain import STAIN_METHODS
+
+    model = ComboBox(name="model", label="Model", choices=list(MODEL_NAMES), value=DEFAULT_MODEL)
+    model.tooltip = (
+        "handcrafted: colour, texture and shape features, no weights (offline). "
+        "dinobloom-s/b/l/g: the DinoBloom ViTs (weights needed)."
     )
-    extra_rows = outcome.extra_rows
-    if need_new_table:
-        keep = ~obs["source"].astype(str).isin(replaced).to_numpy()
-        adata = table.adata[keep].copy()
-        x = np.full((int(keep.sum()), dim), np.nan, np.float32)
-        if old_x is not None and not model_changed and old_x.shape[1] == dim:
-            x[:] = old_x[keep]
-        kept_pos = np.cumsum(keep) - 1  # old row -> row in the kept table
-        ok = keep[extra_rows] & outcome.extra_done
-        x[kept_pos[extra_rows[ok]]] = outcome.extra_embeddings[ok]
-        adata.obsm = {EMBEDDING_KEY: x}  # a UMAP of other embeddings is stale
-        new_table = CellTable(adata)
-        new_table.update_meta(**meta)
-        if n_new:
-            new_table.add_cells(_carry_labels(new_cells, obs), embeddings=new_emb)
-        target = new_table
-    else:
-        if len(extra_rows):
-            x = (
-                np.array(old_x, dtype=np.float32, copy=True)
-                if old_x is not None
-                else np.full((table.n_cells, dim), np.nan, np.float32)
-            )
-            ok = outcome.extra_done
-            x[extra_rows[ok]] = outcome.extra_embeddings[ok]
-            table.set_embeddings(x, **meta)
-        else:
-            table.update_meta(**meta)
-        if n_new:
-            table.add_cells(new_cells, embeddings=new_emb)
-        new_table = None
-        target = table
-    parts = [f"{n_new} cell(s) from {len({*new_cells['source']}) if n_new else 0} image(s)"]
-    if n_old:
-        parts.append(f"{n_old} cell(s) already in the session")
-    text = (
-        f"Embedded {' and '.join(parts)} with {meta.get('model', '?')} "
-        f"(dim {dim}) in {outcome.seconds:.1f} s; the session holds {target.n_cells} cells."
+    weights = LineEdit(name="weights", label="Weights")
+    weights.native.setPlaceholderText("from the cache")
+    weights.tooltip = "A DinoBloom .pth or .safetensors file; empty: look in the weights cache."
+    browse = PushButton(name="browse", text="Browse…", label="")
+    download = PushButton(name="download", text="Download weights", label="")
+    device = ComboBox(name="device", label="Device", choices=["cpu"], value="cpu")
+    batch_size = SpinBox(
+        name="batch_size", label="Batch size", min=1, max=4096, value=DEFAULT_BATCH_SIZE
     )
-    if replaced:
-        text += f" Replaced the earlier cells of {', '.join(replaced)}."
-    if model_changed and n_old:
-        text += " The model changed: all cells were re-embedded."
-    if outcome.cancelled:
-        text = "Cancelled. " + text
-    if outcome.skipped:
-        text += " Skipped: " + "; ".join(f"{s}: {w}" for s, w in outcome.skipped[:3])
-    return new_table, text
-
-
-def _embedding_meta(table: CellTable) -> dict[str, Any] | None:
-    """``model`` and ``weights_sha256`` of the table's embeddings; None if none is embedded."""
-    x = table.embeddings
-    if x is None or table.n_cells == 0 or not np.isfinite(x).all(axis=1).any():
-        return None
-    return {"model": table.meta.get("model"), "weights_sha256": table.meta.get("weights_sha256")}
-
-
-def _meta_differs(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
-    """Embeddings described by ``old`` and ``new`` live in different spaces."""
-    if old is None:
-        return False
-    return old.get("model") != new.get("model") or (
-        old.get("weights_sha256") != new.get("weights_sha256")
+    batch_size.tooltip = "Cells per forward pass."
+    stain = ComboBox(
+        name="stain_norm", label="Stain norm.", choices=list(STAIN_METHODS), value="none"
+    )
+    stain.tooltip = (
+        "Map each image's stain colours onto a reference before embedding (Reinhard: "
+        "colour statistics; Macenko: stain vectors). One setting per project."
+    )
+    reference = LineEdit(name="stain_reference", label="Reference")
+    reference.native.setPlaceholderText("built in; or a batch name / image file")
+    reference.tooltip = "Empty: the built-in reference; a batch name; or an image file."
+    reembed = CheckBox(name="reembed", text="Re-embed all cells", value=False)
+    reembed.tooltip = (
+        "Needed to switch the model, weights or stain setting of cells already embedded: "
+        "every cell is embedded again (ids and labels are kept)."
+    )
+    return Container(
+        widgets=[model, weights, browse, download, device, batch_size, stain, reference, reembed],
+        labels=True,
     )
 
 
-# ----------------------------------------------------------------------------- panel
 def _cuda_available() -> bool:
     """Whether to offer the ``cuda`` device, without importing torch on the GUI thread.
 
@@ -571,9 +302,10 @@ class EmbedWidget(QWidget):
     Notes
     -----
     Scriptable for tests and the demo: check images with :meth:`set_checked`, edit
-    batches with :meth:`set_batch`, pick the source with :meth:`set_cell_source`, then
+    batches and slides with :meth:`set_batch` / :meth:`set_slide` (or several at once
+    with :meth:`set_batch_of`), pick the source with :meth:`set_cell_source`, then
     :meth:`run` returns the worker (wait for ``worker.finished``); :attr:`status` holds
-    the last message.
+    the last message. :attr:`form` is the magicgui parameter form.
     """
 
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
@@ -588,10 +320,12 @@ class EmbedWidget(QWidget):
         self._live_events: list[threading.Event] = []
         self.destroyed.connect(functools.partial(_set_all, self._live_events))
         self._pbar: Any = None
-        self._image_state: dict[str, tuple[bool, str]] = {}
-        self._job: EmbedJob | None = None
+        # layer name -> (checked, batch, slide); batch / slide "" = the default
+        self._image_state: dict[str, tuple[bool, str, str]] = {}
+        self._run: PanelRun | None = None
         self.last_outcome: EmbedOutcome | None = None
         self._build_ui()
+        setup_dock(self)
         self._connect_viewer()
         self._refresh_layers()
         self._on_model_changed()
@@ -601,30 +335,49 @@ class EmbedWidget(QWidget):
     def _build_ui(self) -> None:
         layout = QVBoxLayout(self)
 
-        images = QGroupBox("Images (one batch each)")
+        images = QGroupBox("Images")
         box = QVBoxLayout(images)
-        self.image_table = QTableWidget(0, 2)
-        self.image_table.setHorizontalHeaderLabels(["Image layer", "Batch"])
+        self.image_table = QTableWidget(0, 3)
+        self.image_table.setHorizontalHeaderLabels(["Image layer", "Batch", "Slide"])
         header = self.image_table.horizontalHeader()
-        header.setSectionResizeMode(0, QHeaderView.Stretch)
-        header.setSectionResizeMode(1, QHeaderView.Stretch)
+        for col in (NAME_COL, BATCH_COL, SLIDE_COL):
+            header.setSectionResizeMode(col, QHeaderView.Stretch)
         self.image_table.verticalHeader().setVisible(False)
-        self.image_table.setSelectionMode(QAbstractItemView.NoSelection)
+        self.image_table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.image_table.setSelectionMode(QAbstractItemView.ExtendedSelection)
         self.image_table.setToolTip(
-            "Tick the images to embed; double-click a batch name to edit it "
-            "(default: the layer name)."
+            "Tick the images to embed; double-click a batch or slide to edit it. Images "
+            "from one folder share its name as batch. Select several rows to set their "
+            "batch or slide at once below."
         )
         self.image_table.itemChanged.connect(self._on_image_item_changed)
         box.addWidget(self.image_table)
+        many = QHBoxLayout()
+        self.group_edit = QLineEdit()
+        self.group_edit.setPlaceholderText("name for the selected images")
+        self.set_batch_button = QPushButton("Set batch")
+        self.set_batch_button.setToolTip(
+            "Give the selected images (or the ticked ones) this batch."
+        )
+        self.set_batch_button.clicked.connect(lambda: self._apply_to_selected(BATCH_COL))
+        self.set_slide_button = QPushButton("Set slide")
+        self.set_slide_button.setToolTip(
+            "Give the selected images (or the ticked ones) this slide."
+        )
+        self.set_slide_button.clicked.connect(lambda: self._apply_to_selected(SLIDE_COL))
+        many.addWidget(self.group_edit, 1)
+        many.addWidget(self.set_batch_button)
+        many.addWidget(self.set_slide_button)
+        box.addLayout(many)
         layout.addWidget(images)
 
-        form = QFormLayout()
+        detect = QFormLayout()
         self.source_combo = QComboBox()
         self.source_combo.setToolTip(
             "Detect white cells in each image, or take one cell per label of a Labels "
             "layer / per point of a Points layer (in the image's pixel grid)."
         )
-        form.addRow("Cells from", self.source_combo)
+        detect.addRow("Cells from", self.source_combo)
         self.pixel_size = QDoubleSpinBox()
         self.pixel_size.setRange(0.0, 100.0)
         self.pixel_size.setDecimals(4)
@@ -635,49 +388,32 @@ class EmbedWidget(QWidget):
             "Micrometres per pixel. 'auto': the layer's metadata['pixel_size_um'] when "
             "there is one, else estimated from the red cells."
         )
-        form.addRow("Pixel size", self.pixel_size)
-        self.model_combo = QComboBox()
-        self.model_combo.addItems(list(MODEL_NAMES))
-        self.model_combo.setCurrentText(DEFAULT_MODEL)
-        self.model_combo.setToolTip(
-            "handcrafted: colour, texture and shape features, no weights (offline). "
-            "dinobloom-s/b/l/g: the DinoBloom ViTs (weights needed)."
-        )
-        self.model_combo.currentTextChanged.connect(self._on_model_changed)
-        form.addRow("Model", self.model_combo)
-        weights_row = QHBoxLayout()
-        self.weights_edit = QLineEdit()
-        self.weights_edit.setPlaceholderText("from the cache")
-        self.weights_edit.setToolTip(
-            "A DinoBloom .pth or .safetensors file; empty: look in the weights cache."
-        )
+        detect.addRow("Pixel size", self.pixel_size)
+        layout.addLayout(detect)
+
+        self.form = build_form()
+        self.form.native.layout().setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.form.native)
+        # the form's Qt widgets, by the names scripts and the demo use
+        self.model_combo = self.form.model.native
+        self.weights_edit = self.form.weights.native
+        self.browse_button = self.form.browse.native
+        self.download_button = self.form.download.native
+        self.device_combo = self.form.device.native
+        self.batch_size = self.form.batch_size.native
+        self.form.model.changed.connect(self._on_model_changed)
         self.weights_edit.editingFinished.connect(self._update_weights_status)
-        self.browse_button = QPushButton("Browse…")
-        self.browse_button.clicked.connect(self._browse_weights)
-        weights_row.addWidget(self.weights_edit)
-        weights_row.addWidget(self.browse_button)
-        form.addRow("Weights", weights_row)
-        self.download_button = QPushButton("Download weights")
-        self.download_button.clicked.connect(self.download)
-        form.addRow("", self.download_button)
+        self.form.browse.changed.connect(self._browse_weights)
+        self.form.download.changed.connect(self.download)
         self.weights_status = QLabel()
         self.weights_status.setWordWrap(True)
         self.weights_status.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.weights_status.setMinimumHeight(2 * self.fontMetrics().lineSpacing() + 4)
-        form.addRow(self.weights_status)
-        self.batch_size = QSpinBox()
-        self.batch_size.setRange(1, 4096)
-        self.batch_size.setValue(DEFAULT_BATCH_SIZE)
-        self.batch_size.setToolTip("Cells per forward pass.")
-        form.addRow("Batch size", self.batch_size)
-        self.device_combo = QComboBox()
-        self.device_combo.addItem("cpu")
-        form.addRow("Device", self.device_combo)
+        layout.addWidget(self.weights_status)
         self.numbers_check = QCheckBox("Show cell numbers")
         self.numbers_check.setToolTip("Write each cell's number (#n of its id) on the image.")
         self.numbers_check.toggled.connect(self._on_numbers_toggled)
-        form.addRow("", self.numbers_check)
-        layout.addLayout(form)
+        layout.addWidget(self.numbers_check)
 
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run")
@@ -691,7 +427,7 @@ class EmbedWidget(QWidget):
         self.progress_bar = QProgressBar()
         self.progress_bar.setVisible(False)
         layout.addWidget(self.progress_bar)
-        self.status_label = QLabel()
+        self.status_label = ElidedLabel()  # one line; the full text in its tooltip
         self.status_label.setWordWrap(True)
         self.status_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
         layout.addWidget(self.status_label)
@@ -721,6 +457,45 @@ class EmbedWidget(QWidget):
             if isinstance(layer, Image) and layer.ndim == 2 and MONTAGE_KEY not in layer.metadata
         ]
 
+    def _identity(self, layer: Any) -> tuple[str, str, str]:
+        """``(source, input name, rel)`` of an image layer: its file, else its name."""
+        key = source_key(layer)
+        if key != layer.name and Path(key).is_file():
+            path = Path(os.path.abspath(key))
+            return str(path), path.parent.name or "root", path.name
+        return key, layer.name, layer.name
+
+    def _defaults(self, layers: list[Any]) -> dict[str, tuple[str, str]]:
+        """Default ``(batch, slide)`` per layer.
+
+        The table's when it holds cells of the image; else the file's folder name
+        (shared by the images of one folder) and the smear.
+        """
+        from napari_hemofm.core.inputs import default_batch_names, default_slide
+
+        obs = self.session.table.obs
+        first = obs.drop_duplicates("source").set_index("source") if len(obs) else None
+        ids = [self._identity(layer) for layer in layers]
+        files = [
+            src for (src, name, rel), layer in zip(ids, layers, strict=True) if src != layer.name
+        ]
+        folder_batch = dict(zip(files, default_batch_names(files), strict=True)) if files else {}
+        out = {}
+        for layer, (src, name, rel) in zip(layers, ids, strict=True):
+            if first is not None and src in first.index:
+                row = first.loc[src]
+                slide = row.get("slide")
+                batch = str(row["batch"])
+                out[layer.name] = (
+                    batch,
+                    str(slide) if pd.notna(slide) else batch,
+                )
+                continue
+            batch = folder_batch.get(src, layer.name)
+            prefix = f"{name}/{rel}" if name != rel else rel
+            out[layer.name] = (batch, default_slide("smear", prefix, batch))
+        return out
+
     def _refresh_layers(self) -> None:
         from napari.layers import Labels, Points
 
@@ -729,14 +504,18 @@ class EmbedWidget(QWidget):
         table.blockSignals(True)
         try:
             layers = self._image_layers()
+            defaults = self._defaults(layers)
             table.setRowCount(len(layers))
             for row, layer in enumerate(layers):
-                checked, batch = self._image_state.get(layer.name, (True, layer.name))
+                checked, batch, slide = self._image_state.get(layer.name, (True, "", ""))
+                d_batch, d_slide = defaults[layer.name]
                 name_item = QTableWidgetItem(layer.name)
-                name_item.setFlags(Qt.ItemIsUserCheckable | Qt.ItemIsEnabled)
+                name_item.setFlags(Qt.ItemIsUserCheckable | Qt.ItemIsEnabled | Qt.ItemIsSelectable)
                 name_item.setCheckState(Qt.Checked if checked else Qt.Unchecked)
-                table.setItem(row, 0, name_item)
-                table.setItem(row, 1, QTableWidgetItem(batch))
+                name_item.setToolTip(layer.name)
+                table.setItem(row, NAME_COL, name_item)
+                table.setItem(row, BATCH_COL, QTableWidgetItem(batch or d_batch))
+                table.setItem(row, SLIDE_COL, QTableWidgetItem(slide or d_slide))
         finally:
             table.blockSignals(False)
         self._fit_table_height()
@@ -773,42 +552,90 @@ class EmbedWidget(QWidget):
         table.setMaximumHeight(height if table.rowCount() <= 6 else 16777215)
 
     def _remember_image_state(self) -> None:
+        """Remember ticks and edited names (an unedited default stays a default)."""
+        layers = {layer.name: layer for layer in self._image_layers()}
+        defaults = self._defaults([layers[n] for n in self._row_names() if n in layers])
         for row in range(self.image_table.rowCount()):
-            name_item = self.image_table.item(row, 0)
-            batch_item = self.image_table.item(row, 1)
-            if name_item is None or batch_item is None:
+            items = [self.image_table.item(row, c) for c in (NAME_COL, BATCH_COL, SLIDE_COL)]
+            if any(item is None for item in items):
                 continue
-            batch = batch_item.text().strip() or name_item.text()
-            self._image_state[name_item.text()] = (
-                name_item.checkState() == Qt.Checked,
-                batch,
+            name = items[0].text()
+            d_batch, d_slide = defaults.get(name, ("", ""))
+            batch = items[1].text().strip()
+            slide = items[2].text().strip()
+            self._image_state[name] = (
+                items[0].checkState() == Qt.Checked,
+                "" if batch == d_batch else batch,
+                "" if slide == d_slide else slide,
             )
+
+    def _row_names(self) -> list[str]:
+        return [
+            self.image_table.item(row, NAME_COL).text()
+            for row in range(self.image_table.rowCount())
+            if self.image_table.item(row, NAME_COL) is not None
+        ]
 
     def _on_image_item_changed(self, item: QTableWidgetItem) -> None:
         self._remember_image_state()
 
     def image_choices(self) -> list[tuple[str, bool, str]]:
         """``(layer name, checked, batch)`` for every image layer listed in the panel."""
-        self._remember_image_state()
+        return [(n, c, b) for n, c, b, _ in self.image_rows()]
+
+    def image_rows(self) -> list[tuple[str, bool, str, str]]:
+        """``(layer name, checked, batch, slide)`` for every image layer in the panel."""
         out = []
         for row in range(self.image_table.rowCount()):
-            name = self.image_table.item(row, 0).text()
-            checked, batch = self._image_state[name]
-            out.append((name, checked, batch))
+            name = self.image_table.item(row, NAME_COL).text()
+            checked = self.image_table.item(row, NAME_COL).checkState() == Qt.Checked
+            batch = self.image_table.item(row, BATCH_COL).text().strip() or name
+            slide = self.image_table.item(row, SLIDE_COL).text().strip() or batch
+            out.append((name, checked, batch, slide))
         return out
 
     def set_checked(self, name: str, checked: bool) -> None:
         """Tick or untick the image layer ``name``."""
         row = self._row_of(name)
-        self.image_table.item(row, 0).setCheckState(Qt.Checked if checked else Qt.Unchecked)
+        self.image_table.item(row, NAME_COL).setCheckState(Qt.Checked if checked else Qt.Unchecked)
 
     def set_batch(self, name: str, batch: str) -> None:
-        """Set the batch name of the image layer ``name``."""
-        self.image_table.item(self._row_of(name), 1).setText(batch)
+        """Set the batch name of the image layer ``name`` (applied on Run; ids never change)."""
+        self.image_table.item(self._row_of(name), BATCH_COL).setText(batch)
+
+    def set_slide(self, name: str, slide: str) -> None:
+        """Set the slide of the image layer ``name`` (applied on Run)."""
+        self.image_table.item(self._row_of(name), SLIDE_COL).setText(slide)
+
+    def set_batch_of(self, names: list[str], batch: str, *, column: str = "batch") -> None:
+        """Set the batch (or, with ``column="slide"``, the slide) of several images."""
+        col = BATCH_COL if column == "batch" else SLIDE_COL
+        self.image_table.blockSignals(True)
+        try:
+            for name in names:
+                self.image_table.item(self._row_of(name), col).setText(batch)
+        finally:
+            self.image_table.blockSignals(False)
+        self._remember_image_state()
+
+    def _apply_to_selected(self, col: int) -> None:
+        text = self.group_edit.text().strip()
+        if not text:
+            self._show("Type a name first, then press Set batch / Set slide.", error=True)
+            return
+        rows = sorted({index.row() for index in self.image_table.selectedIndexes()})
+        names = [self.image_table.item(r, NAME_COL).text() for r in rows]
+        if not names:
+            names = [n for n, checked, _ in self.image_choices() if checked]
+        self.set_batch_of(names, text, column="batch" if col == BATCH_COL else "slide")
+        what = "batch" if col == BATCH_COL else "slide"
+        self._show(
+            f"{what.capitalize()} of {len(names)} image(s) set to {text!r}; Run applies it."
+        )
 
     def _row_of(self, name: str) -> int:
         for row in range(self.image_table.rowCount()):
-            if self.image_table.item(row, 0).text() == name:
+            if self.image_table.item(row, NAME_COL).text() == name:
                 return row
         raise KeyError(f"no image layer {name!r} in the panel")
 
@@ -839,7 +666,8 @@ class EmbedWidget(QWidget):
         self._update_weights_status()
 
     def _update_weights_status(self) -> None:
-        from napari_hemofm.core.models import WeightsError, get_spec, resolve_weights
+        from napari_hemofm.core.models import WeightsError, get_spec
+        from napari_hemofm.core.weights import resolve_weights
 
         spec = get_spec(self.model_combo.currentText())
         if not spec.needs_weights:
@@ -854,7 +682,9 @@ class EmbedWidget(QWidget):
         else:
             self.weights_status.setText(f"Weights: {path}")
 
-    def _browse_weights(self) -> None:
+    def _browse_weights(self, *_: Any) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
         path, _ = QFileDialog.getOpenFileName(
             self,
             "DinoBloom weights",
@@ -867,7 +697,7 @@ class EmbedWidget(QWidget):
 
     def _probe_devices(self) -> None:
         if _cuda_available():
-            self.device_combo.addItem("cuda")
+            self.form.device.choices = ("cpu", "cuda")
 
     def _on_numbers_toggled(self, on: bool) -> None:
         self.sync.show_numbers = on
@@ -883,73 +713,66 @@ class EmbedWidget(QWidget):
         """The last message shown in the panel."""
         return self.status_label.text()
 
-    def build_job(self) -> EmbedJob:
-        """Collect the panel's choices and the layers' data into an :class:`EmbedJob`.
+    def build_run(self) -> PanelRun:
+        """Collect the panel's choices and the layers' data into a :class:`PanelRun`.
 
         Raises
         ------
         ValueError
             With a message for the user (nothing to embed, a layer that does not fit).
         """
-        from napari_hemofm.core.embed import cells_needing_embedding
-
         layers = {layer.name: layer for layer in self._image_layers()}
-        chosen = [(n, b) for n, checked, b in self.image_choices() if checked and n in layers]
+        rows = [r for r in self.image_rows() if r[1] and r[0] in layers]
         table = self.session.table
-        keys: dict[str, str] = {}
-        for n, _ in chosen:
-            key = source_key(layers[n])
-            # the same file opened twice: the second layer's cells go by its name
-            keys[n] = n if key in keys.values() else key
-        sources = set(keys.values())
-        others = self._cells_not_on(table, sources)
-        pending = others.iloc[
-            np.flatnonzero(np.isin(others.index, cells_needing_embedding(table)))
-        ]
-        if not chosen and len(pending) == 0:
+        state = TableState.of(table)
+        pending = not state.embedded.all() if table.n_cells else False
+        if not rows and not pending:
             raise ValueError("No image selected: tick at least one image layer.")
         px_value = self.pixel_size.value()
-        images = []
-        for name, batch in chosen:
-            layer = layers[name]
-            data = layer.data[0] if layer.multiscale else layer.data
-            px = px_value if px_value > 0 else layer.metadata.get("pixel_size_um")
-            px = float(px) if px else None
-            images.append(ImageInput(name, keys[name], data, batch, px))
-        source: Literal["detect", "labels", "points"] = "detect"
-        source_data: dict[str, Any] = {}
+        cells_from: Literal["detect", "labels", "points"] = "detect"
+        cells_data: dict[str, Any] = {}
         source_name = self.source_combo.currentData()
         if source_name is not None:
-            source_layer = self.viewer.layers[source_name]
-            source, source_data = self._cells_from_layer(
-                source_layer, [layers[n] for n, _ in chosen]
+            cells_from, cells_data = self._cells_from_layer(
+                self.viewer.layers[source_name], [layers[r[0]] for r in rows]
             )
-        other_sources = others["source"].astype(str).unique()
-        return EmbedJob(
-            images=images,
-            source=source,
-            source_data=source_data,
-            model=self.model_combo.currentText(),
-            weights=self.weights_edit.text().strip(),
-            device=self.device_combo.currentText(),
-            batch_size=int(self.batch_size.value()),
-            pending=pending,
-            others=others,
-            other_images={
-                s: self.session.images[s] for s in other_sources if s in self.session.images
-            },
-            old_meta=_embedding_meta(table),
-            table_id=id(table),
+        inputs = []
+        used: set[str] = set()
+        for name, _, batch, slide in rows:
+            layer = layers[name]
+            source, input_name, rel = self._identity(layer)
+            if source in used:  # the same file opened twice: the second goes by its name
+                source, input_name, rel = name, name, name
+            used.add(source)
+            data = layer.data[0] if layer.multiscale else layer.data
+            px = px_value if px_value > 0 else layer.metadata.get("pixel_size_um")
+            inputs.append(
+                ImageInput(
+                    source=source,
+                    input_name=input_name,
+                    rel=rel,
+                    batch=batch,
+                    slide=slide,
+                    data=data,
+                    cells_from=cells_from,
+                    cells_data=cells_data.get(name),
+                    pixel_size_um=float(px) if px else None,
+                    name=name,
+                )
+            )
+        values = self.form.asdict()
+        job = EmbedJob(
+            model=str(values["model"]),
+            weights=str(values["weights"]).strip() or None,
+            device=str(values["device"]),
+            batch_size=int(values["batch_size"]),
+            pixel_size_um=px_value or None,
+            stain_norm=str(values["stain_norm"]),
+            stain_reference=str(values["stain_reference"]).strip() or None,
         )
-
-    @staticmethod
-    def _cells_not_on(table: CellTable, replaced: set[str]) -> pd.DataFrame:
-        """The table's cells whose source is not in ``replaced``, indexed by table row."""
-        if table.n_cells == 0:
-            return _empty_rows()
-        frame = table.obs[_ROW_COLUMNS].copy()
-        frame.index = pd.Index(np.arange(table.n_cells), name="row")
-        return frame[~frame["source"].astype(str).isin(replaced).to_numpy()]
+        return PanelRun(
+            job, inputs, state, reembed=bool(values["reembed"]), images=self.session.images
+        )
 
     def _cells_from_layer(
         self, source_layer: Any, images: list[Any]
@@ -997,28 +820,27 @@ class EmbedWidget(QWidget):
             self._show("A run is already in progress.", error=True)
             return None
         try:
-            job = self.build_job()
+            run = self.build_run()
         except (ValueError, KeyError) as exc:
             self._show(str(exc).strip("'\""), error=True)
             return None
         # the session keeps the layer data (thumbnails, later runs), keyed by source;
         # the stamp keeps the layer tied to its cells if it is renamed
-        for image in job.images:
+        for image in run.inputs:
             self.session.add_image(image.source, image.data)
             self.viewer.layers[image.name].metadata[SOURCE_KEY] = image.source
-        self._job = job
+        self._run = run
         self._new_cancel_event()
         self._pbar = progress(total=0, desc="Embed cells")
         self.progress_bar.setRange(0, 0)
         self.progress_bar.setVisible(True)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        n_img = len(job.images)
-        self._show(f"Running {job.model} on {n_img} image(s)…")
-        worker = thread_worker(run_embed_job, start_thread=False)(job, self._cancel)
+        self._show(f"Running {run.job.model} on {len(run.inputs)} image(s)…")
+        worker = thread_worker(run_panel_job, start_thread=False)(run, self._cancel)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
-        worker.errored.disconnect()  # no traceback dialog; run_embed_job returns errors
+        worker.errored.disconnect()  # no traceback dialog; the job returns its errors
         worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -1057,27 +879,23 @@ class EmbedWidget(QWidget):
 
     def _on_returned(self, outcome: EmbedOutcome) -> None:
         self.last_outcome = outcome
-        job = self._job
+        run = self._run
         if outcome.error:
             self._show(outcome.error, error=True)
             return
-        assert job is not None
-        try:
-            new_table, text = commit_outcome(
-                self.session.table, job, outcome, pixel_size_um=self.pixel_size.value() or None
-            )
-        except ValueError as exc:
-            self._show(f"Could not add the cells: {exc}", error=True)
+        if outcome.cancelled:
+            self._show("Cancelled: nothing changed.")
             return
-        if new_table is not None:
-            self.session.set_table(new_table)
+        summary = commit_outcome(self.session.table, outcome)
+        if summary.table is not None:
+            self.session.set_table(summary.table)
         # stacked images: bring the top one of this run to the front, hide the others
         names = [layer.name for layer in self.viewer.layers]
-        shown = [image for image in job.images if image.name in names]
+        shown = [image for image in (run.inputs if run else []) if image.name in names]
         if len(shown) > 1:
             top = max(shown, key=lambda image: names.index(image.name))
             self.sync.show_only(top.source)
-        self._show(text)
+        self._show(summary.text, error=not summary.changed)
 
     def _on_errored(self, exc: BaseException) -> None:
         log.error("embedding worker failed", exc_info=exc)
@@ -1085,7 +903,7 @@ class EmbedWidget(QWidget):
 
     def _on_finished(self) -> None:
         self._worker = None
-        self._job = None
+        self._run = None
         self._end_work()
 
     def _end_work(self, after: Callable[[], None] | None = None) -> None:

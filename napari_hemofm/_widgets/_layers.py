@@ -472,11 +472,18 @@ class CellsLayerSync:
                 points = view.points
                 points.selected_data = set()
                 # data first (it resizes the colour arrays), then features and colours
+                # napari does not slice a hidden layer: its view indices would outlive
+                # fewer points and the colour update below would index past the end
+                hidden = not points.visible
+                if hidden:
+                    points.visible = True
                 points.data = yx
                 points.size = size
                 points.features = features
                 points.face_color = face
                 points.border_color = border
+                if hidden:
+                    points.visible = False
             else:
                 points = Points(
                     yx,

@@ -86,11 +86,20 @@ def _prepare_source(
     source: str,
     boxes: np.ndarray,
     images: Mapping[str, Any] | None,
+    normalise: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Read one source and prepare all its cells: ``(n_cells_of_source, *input_shape)``."""
+    """Read one source and prepare all its cells: ``(n_cells_of_source, *input_shape)``.
+
+    ``normalise`` (stain normalisation, :mod:`napari_hemofm.core.stain`) maps the whole
+    decoded image before cropping; a lazily read image is normalised crop by crop.
+    """
     from napari_hemofm.core.detect import crop_cell
+    from napari_hemofm.core.io import LazyRGBImage
 
     image = _read_source(source, images)
+    per_crop = normalise is not None and isinstance(image, LazyRGBImage)
+    if normalise is not None and not per_crop:
+        image = normalise(np.asarray(image))
     height, width = image.shape[:2]
     prepared = []
     for x0, y0, x1, y1 in boxes:
@@ -98,6 +107,8 @@ def _prepare_source(
             crop = np.asarray(image[:, :])
         else:
             crop = crop_cell(image, (int(x0), int(y0), int(x1), int(y1)))
+        if per_crop:
+            crop = normalise(np.ascontiguousarray(crop))  # type: ignore[misc]
         prepared.append(backbone.prepare(crop))
     return np.stack(prepared)
 
@@ -119,6 +130,7 @@ def iter_prepared(
     images: Mapping[str, Any] | None = None,
     num_workers: int = 2,
     prefetch: int = 4,
+    normalise: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None, str | None]]:
     """Prepared inputs per source, in source order, computed ahead in a thread pool.
 
@@ -144,7 +156,7 @@ def iter_prepared(
                         src, rows, boxes = next(it)
                     except StopIteration:
                         break
-                    fut = pool.submit(_prepare_source, backbone, src, boxes, images)
+                    fut = pool.submit(_prepare_source, backbone, src, boxes, images, normalise)
                     pending.append((rows, src, fut))
                 if not pending:
                     return
@@ -168,7 +180,7 @@ def embed_cells(
     num_workers: int = 2,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | Callable[[], bool] | None = None,
-    on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    normalise: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> EmbedResult:
     """Embed every cell with a backbone.
 
@@ -190,9 +202,11 @@ def embed_cells(
         ``progress(done, total)`` after each batch (cells handled, skipped included).
     cancel : threading.Event or callable, optional
         Checked between batches; when set, the partial result is returned.
-    on_batch : callable, optional
-        ``on_batch(rows, embeddings)`` after each forward pass, e.g. to fill a table
-        as results arrive.
+    normalise : callable, optional
+        Stain normalisation, ``(H, W, 3)`` uint8 -> same
+        (:func:`napari_hemofm.core.stain.build_normaliser`), applied to each source
+        image before its cells are cut (to each crop of a lazily read image), so every
+        backbone sees normalised pixels.
 
     Returns
     -------
@@ -237,8 +251,6 @@ def embed_cells(
             out[r] = emb
             done[r] = True
             handled += len(r)
-            if on_batch is not None:
-                on_batch(r, emb)
             if progress is not None:
                 progress(handled, n)
         buf_rows, buf_inputs = [rows[n_run:]], [inputs[n_run:]]
@@ -248,7 +260,7 @@ def embed_cells(
         progress(0, n)
     if n:
         for rows, prepared, error in iter_prepared(
-            backbone, frame, images=images, num_workers=num_workers
+            backbone, frame, images=images, num_workers=num_workers, normalise=normalise
         ):
             if is_cancelled():
                 cancelled = True
@@ -289,6 +301,7 @@ def embed_table(
     num_workers: int = 2,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | Callable[[], bool] | None = None,
+    normalise: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> EmbedResult:
     """Embed a cell table's cells and store them in ``obsm["X_embed"]`` and ``uns``.
 
@@ -303,6 +316,7 @@ def embed_table(
         num_workers=num_workers,
         progress=progress,
         cancel=cancel,
+        normalise=normalise,
     )
     table.set_embeddings(result.embeddings, **result.meta)
     return result

@@ -102,10 +102,11 @@ def test_cancel_returns_the_partial_result(tmp_path):
     frame, colours = crop_folder(tmp_path, n=20)
     stop = threading.Event()
 
-    def on_batch(rows, emb):
-        stop.set()
+    def progress(done, total):
+        if done >= 4:  # after the first forward pass
+            stop.set()
 
-    result = embed_cells(frame, MeanColour(), batch_size=4, cancel=stop, on_batch=on_batch)
+    result = embed_cells(frame, MeanColour(), batch_size=4, cancel=stop, progress=progress)
     assert result.cancelled
     assert result.done.sum() == 4
     np.testing.assert_allclose(result.embeddings[result.done], colours[result.done])

@@ -1,7 +1,6 @@
 """Inputs: which folders are crop folders, default batch names, cell ids, skipped files."""
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from napari_hemofm.core.inputs import (
@@ -71,12 +70,13 @@ def test_crop_folder_gives_one_labelled_cell_per_crop(tmp_path):
     assert (row.x, row.y) == (20.0, 24.0)
 
 
-def test_batch_override_applies_to_all_inputs(tmp_path):
-    """--batch NAME puts every cell in batch NAME and into its cell ids."""
+def test_batch_override_sets_the_batch_but_not_the_ids(tmp_path):
+    """--batch NAME puts every cell in batch NAME; the ids keep the input's name."""
     root = make_crop_folder(tmp_path / "crops", classes=("eosinophil",), n=1)
     cells = collect_cells([root], batch="scanner_2").cells
-    assert cells.index.tolist() == ["scanner_2/eosinophil/eosinophil_0.png#0"]
+    assert cells.index.tolist() == ["crops/eosinophil/eosinophil_0.png#0"]
     assert cells["batch"].tolist() == ["scanner_2"]
+    assert cells["slide"].tolist() == ["scanner_2"]  # crops: the slide is the batch
 
 
 def test_bad_files_are_skipped_and_named_while_the_rest_goes_through(tmp_path):
@@ -108,18 +108,34 @@ def test_empty_folder_and_folder_of_non_images_give_no_sources(tmp_path):
 
 
 def test_cell_id_format():
-    """Cell ids are '<batch>/<relative path>#<n>'."""
+    """Cell ids are '<input name>/<relative path>#<n>'."""
     assert make_cell_id("bccd", "BloodImage_00001.jpg", 2) == "bccd/BloodImage_00001.jpg#2"
 
 
-def test_same_relative_path_under_one_batch_is_refused(tmp_path):
-    """Two inputs forced into one batch with the same file names would clash: clear error."""
-    a = make_crop_folder(tmp_path / "a", classes=("monocyte",), n=1)
-    b = make_crop_folder(tmp_path / "b", classes=("monocyte",), n=1)
-    with pytest.raises(ValueError, match="different --batch"):
-        collect_cells([a, b], batch="same")
-    cells = collect_cells([a, b]).cells
-    assert set(cells["batch"]) == {"a", "b"}
+def test_same_names_in_two_folders_never_clash_and_a_repeated_input_counts_once(tmp_path):
+    """Two folders with one base name get name and name_2 in their ids, whatever the
+    batch; the same folder given twice gives each cell once."""
+    a = make_crop_folder(tmp_path / "x" / "lab", classes=("monocyte",), n=1)
+    b = make_crop_folder(tmp_path / "y" / "lab", classes=("monocyte",), n=1)
+    cells = collect_cells([a, b], batch="same").cells
+    assert cells.index.tolist() == [
+        "lab/monocyte/monocyte_0.png#0",
+        "lab_2/monocyte/monocyte_0.png#0",
+    ]
+    assert set(cells["batch"]) == {"same"}
+    assert len(collect_cells([a, a]).cells) == 1
+
+
+def test_a_dangling_link_is_named_and_sources_are_absolute(tmp_path, monkeypatch):
+    """A symbolic link to nothing inside a folder is named in skipped; relative inputs
+    give absolute source paths."""
+    smears = tmp_path / "smears"
+    write_png(smears / "s1.png")
+    (smears / "s2.png").symlink_to(tmp_path / "nowhere.png")
+    monkeypatch.chdir(tmp_path)
+    scan = scan_inputs(["smears"])
+    assert [str(s.path) for s in scan.sources] == [str(smears / "s1.png")]
+    assert any(p.endswith("s2.png") and "dangling" in why for p, why in scan.skipped)
 
 
 def test_cells_keep_source_order_when_crops_and_smears_mix(tmp_path, monkeypatch):

@@ -65,37 +65,20 @@ def test_run_on_the_synthetic_sample(make_napari_viewer, qtbot):
     assert "Embedded" in widget.status
 
 
-def test_cancel_mid_run_leaves_a_consistent_table(make_napari_viewer, qtbot, monkeypatch):
-    """Cancel during embedding (batch size 1): no exception, and whatever was added is
-    complete: every cell in the table has an embedding and a point on its image."""
+def test_cancel_changes_nothing(make_napari_viewer, qtbot):
+    """Cancel right after Run: the worker ends, the table stays empty, the panel is free
+    again (the deterministic cancel test of the job itself is in test_embed_job.py)."""
     viewer = make_napari_viewer()
-    for k in range(3):
-        add_smear(viewer, f"img{k}", seed=10 + k, n_wbc=4)
+    add_smear(viewer, "img0", seed=10, n_wbc=4)
     widget = EmbedWidget(viewer)
     widget.batch_size.setValue(1)
-    cancelled = []
-    show_progress = widget._on_progress
-
-    def on_progress(item):  # runs where the panel's progress handler runs (main thread)
-        show_progress(item)
-        if item[0] == "embed" and item[1] >= 1 and not cancelled:
-            cancelled.append(item)
-            widget.cancel()
-
-    monkeypatch.setattr(widget, "_on_progress", on_progress)
     widget.run()
+    widget.cancel()
     finish(qtbot, widget)
     table = get_session(viewer).table
-    assert cancelled or table.n_cells > 0  # the run may end before the first report
-    if table.n_cells:
-        assert np.isfinite(table.embeddings).all()
-    sync = get_layer_sync(viewer)
-    for k in range(3):
-        n_rows = int((table.obs["source"] == f"img{k}").sum())
-        layer = sync.layer_for(f"img{k}")
-        assert (0 if layer is None else len(layer.data)) == n_rows
-    if cancelled:
-        assert "Cancel" in widget.status
+    if widget.last_outcome is not None and widget.last_outcome.cancelled:
+        assert table.n_cells == 0
+        assert "nothing changed" in widget.status
     assert not widget.running
     assert widget.run_button.isEnabled()
 
@@ -137,7 +120,8 @@ def test_cells_from_a_points_layer(make_napari_viewer, qtbot):
 
 
 def test_batch_names_are_editable_and_unchecked_images_skipped(make_napari_viewer, qtbot):
-    """An edited batch name reaches the table; an unticked image gets no cells."""
+    """An edited batch name reaches the table but not the ids; an unticked image gets no
+    cells."""
     viewer = make_napari_viewer()
     add_smear(viewer, "a", seed=5)
     add_smear(viewer, "b", seed=6)
@@ -149,13 +133,14 @@ def test_batch_names_are_editable_and_unchecked_images_skipped(make_napari_viewe
     table = get_session(viewer).table
     assert table.batches == ["scanner-1"]
     assert set(table.obs["source"]) == {"a"}
-    assert table.cell_ids[0].startswith("scanner-1/a#")
+    assert table.cell_ids[0].startswith("a/a#")
     assert get_layer_sync(viewer).layer_for("b") is None
 
 
-def test_rerun_replaces_the_image_cells_and_keeps_labels(make_napari_viewer, qtbot):
-    """Running twice on an image replaces its cells (ids stay unique, count unchanged)
-    and a curated label survives when the same cell is found again."""
+def test_batch_edit_and_rerun_keep_ids_labels_and_embeddings(make_napari_viewer, qtbot):
+    """Editing an image's batch and pressing Run again changes only the batch: same ids,
+    the curated label stays, nothing is detected or embedded again. A new pixel size
+    detects the image again and carries the curated label to the same cell id."""
     viewer = make_napari_viewer()
     add_smear(viewer, "a", seed=7)
     add_smear(viewer, "b", seed=8)
@@ -163,19 +148,66 @@ def test_rerun_replaces_the_image_cells_and_keeps_labels(make_napari_viewer, qtb
     widget.run()
     finish(qtbot, widget)
     session = get_session(viewer)
-    n_before = session.table.n_cells
-    first = session.table.cell_ids[0]
+    ids = session.table.cell_ids.tolist()
+    emb = session.table.embeddings.copy()
+    first = ids[0]
     session.table.set_labels([first], "monocyte")
+    widget.set_batch("a", "lab-2")
+    widget.run()
+    finish(qtbot, widget)
+    table = session.table
+    assert table.cell_ids.tolist() == ids
+    assert table.obs.loc[first, "label"] == "monocyte"
+    assert set(table.obs.loc[table.obs["source"] == "a", "batch"]) == {"lab-2"}
+    np.testing.assert_array_equal(table.embeddings, emb)
+    assert widget.last_outcome.n_embedded == 0
+    assert widget.last_outcome.redetected == []
+
+    widget.pixel_size.setValue(0.12)  # a detection setting changed: a detects again
     widget.set_checked("b", False)
     widget.run()
     finish(qtbot, widget)
     table = session.table
-    assert table.n_cells == n_before
+    assert widget.last_outcome.redetected == ["a"]
     assert table.cell_ids.is_unique
+    assert first in table.cell_ids
     assert table.obs.loc[first, "label"] == "monocyte"
-    assert "Replaced" in widget.status
+    assert "Detected again" in widget.status
     points = get_layer_sync(viewer).layer_for("a")
     assert len(points.data) == (table.obs["source"] == "a").sum()
+
+
+def test_images_of_one_folder_share_a_batch_and_ids_match_the_cli(
+    make_napari_viewer, qtbot, tmp_path
+):
+    """Smears opened from one folder default to that folder's name as batch; several
+    selected images get one batch at once; the ids equal those of `hemofm embed` on the
+    same files."""
+    from PIL import Image
+
+    from napari_hemofm.cli import main
+    from napari_hemofm.core.cells import CellTable
+
+    folder = tmp_path / "ward7"
+    folder.mkdir()
+    for k in range(2):
+        Image.fromarray(small_smear(20 + k, n_wbc=3).image).save(folder / f"s{k}.png")
+    viewer = make_napari_viewer()
+    for k in range(2):
+        viewer.open(str(folder / f"s{k}.png"))
+    widget = EmbedWidget(viewer)
+    assert [b for _, _, b in widget.image_choices()] == ["ward7", "ward7"]
+    widget.set_batch_of(["s0", "s1"], "morning")
+    assert [b for _, _, b in widget.image_choices()] == ["morning", "morning"]
+    widget.run()
+    finish(qtbot, widget)
+    table = get_session(viewer).table
+    assert set(table.batches) == {"morning"}, widget.status
+    out = tmp_path / "cli.h5ad"
+    assert main(["embed", str(folder), "--out", str(out)]) == 0
+    cli = CellTable.load(out)
+    assert sorted(cli.cell_ids) == sorted(table.cell_ids)
+    assert cli.cell_ids[0].startswith("ward7/s0.png#")
 
 
 def test_clear_errors_without_traceback(make_napari_viewer, qtbot, monkeypatch, tmp_path):
@@ -282,9 +314,9 @@ def test_download_weights_shows_progress_and_fills_the_path(
     assert widget.run_button.isEnabled()
 
 
-def test_another_model_re_embeds_every_cell(make_napari_viewer, qtbot):
-    """When the session's cells came from another model, a run on one image re-embeds the
-    cells of the other images too, so all embeddings share one space."""
+def test_another_model_is_refused_unless_re_embed_is_ticked(make_napari_viewer, qtbot):
+    """When the session's cells came from another model, Run says so and changes
+    nothing; with "Re-embed all cells" every cell is embedded again with the same ids."""
     viewer = make_napari_viewer()
     add_smear(viewer, "a", seed=11)
     add_smear(viewer, "b", seed=12)
@@ -293,17 +325,36 @@ def test_another_model_re_embeds_every_cell(make_napari_viewer, qtbot):
     finish(qtbot, widget)
     table = get_session(viewer).table
     n = table.n_cells
+    ids = table.cell_ids.tolist()
     # pretend the session was embedded with another model (other dimension)
     table.set_embeddings(np.zeros((n, 3), np.float32), model="dinobloom-s")
     widget.set_checked("b", False)
-    job = widget.build_job()
-    assert len(job.pending) == 0
-    assert set(job.others["source"]) == {"b"}
+    widget.run()
+    finish(qtbot, widget)
+    assert "embedded with dinobloom-s" in widget.status
+    assert get_session(viewer).table.embeddings.shape[1] == 3
+    widget.form.reembed.value = True
     widget.run()
     finish(qtbot, widget)
     table = get_session(viewer).table
-    assert table.n_cells == n
+    assert table.cell_ids.tolist() == ids
     assert table.meta["model"] == "handcrafted"
     assert table.embeddings.shape[1] != 3
     assert np.isfinite(table.embeddings).all()
-    assert "all cells were re-embedded" in widget.status
+    assert "Every cell was re-embedded" in widget.status
+
+
+def test_the_form_is_a_magicgui_container(make_napari_viewer):
+    """Model, weights, device, batch size and stain normalisation live in one magicgui
+    form, and the Qt names scripts use point into it."""
+    from magicgui.widgets import Container
+
+    widget = EmbedWidget(make_napari_viewer())
+    assert isinstance(widget.form, Container)
+    assert {"model", "weights", "device", "batch_size", "stain_norm", "reembed"} <= set(
+        widget.form.asdict()
+    )
+    widget.batch_size.setValue(7)
+    assert widget.form.batch_size.value == 7
+    widget.model_combo.setCurrentText("dinobloom-s")
+    assert widget.form.model.value == "dinobloom-s"
