@@ -236,7 +236,8 @@ def figures(out: Path, corrected, reports, b, y, methods, *, seed: int) -> None:
         ax.bar(x + (j - (len(methods) - 1) / 2) * width, vals, width, label=method)
     ax.set_xticks(x)
     labels = [
-        f"{k}\n({'higher = more effect' if k == 'pcr_batch' else 'higher better'})" for k in keys
+        f"{k}\n({'higher better' if bm.METRICS[k].higher_is_better else 'higher = more effect'})"
+        for k in keys
     ]
     ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)

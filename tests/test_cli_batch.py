@@ -129,3 +129,86 @@ def test_unknown_label_column_and_usage_errors(project):
     with pytest.raises(SystemExit) as exc:
         main(["batch", str(project), "--correct", "scale"])
     assert exc.value.code == 2
+
+
+def make_small_batch_project(path, *, seed=0):
+    """A 150-cell lab (3 types x 50), a 16-cell lab and a 3-cell lab, all labelled; each
+    cell on its own smear image (slide) of two per lab."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, 6)) * 4
+    rows, X = [], []
+    for lab, n, shift in (("big", 150, 0.0), ("lab16", 16, 1.0), ("lab3", 3, 1.0)):
+        for k in range(n):
+            t = k % 3
+            rows.append(
+                {
+                    "cell_id": f"{lab}/s{k % 2}.png#{k}",
+                    "source": f"{lab}/s{k % 2}.png",
+                    "batch": lab,
+                    "slide": f"{lab}/s{k % 2}.png",
+                    "x": 5.0,
+                    "y": 5.0,
+                    "x0": 0,
+                    "y0": 0,
+                    "x1": 10,
+                    "y1": 10,
+                    "label": f"type{t}",
+                }
+            )
+            X.append(centres[t] + rng.normal(size=6) + shift)
+    table = table_from_frame(pd.DataFrame(rows))
+    table.set_embeddings(np.asarray(X, dtype=np.float32), model="handcrafted")
+    return table.save(path)
+
+
+@pytest.fixture(scope="module")
+def small_project(tmp_path_factory):
+    return make_small_batch_project(tmp_path_factory.mktemp("small") / "small.h5ad")
+
+
+def test_small_batches_exit_0_with_reasons(small_project, capsys):
+    """`hemofm batch` on a 3-cell and a 16-cell lab beside a big one: exit 0; the JSON
+    names the batches the probes could not hold out and why; the readable form prints
+    the same reasons; every correction runs (ComBat leaves nothing out here: each lab
+    has >= 2 labelled cells)."""
+    assert main(["batch", str(small_project), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["batches"] == ["big", "lab16", "lab3"]
+    assert "fewer than 10" in out["lobo"]["skipped"]["knn"]["lab3"]
+    assert out["metrics"]["ilisi"] is not None
+    assert out["metrics"]["lobo_knn_balanced_accuracy"] is not None
+    for name, value in out["metrics"].items():
+        assert value is not None or out["reasons"][name]
+    assert main(["batch", str(small_project)]) == 0
+    text = capsys.readouterr().out
+    assert "lab3 not held out" in text
+    for method in ("centre", "combat"):
+        assert main(["batch", str(small_project), "--json", "--correct", method]) == 0
+        assert json.loads(capsys.readouterr().out)["correction"] == method
+
+
+def test_eval_split_batch_skips_small_batches(small_project, capsys):
+    """`hemofm eval --split batch` (kNN k=20 used to fail on the 16-cell lab): exit 0,
+    the skipped batches named in JSON and in the readable output."""
+    for probe in ("knn", "linear"):
+        assert main(["eval", str(small_project), "--probe", probe, "--split", "batch",
+                     "--json"]) == 0  # fmt: skip
+        out = json.loads(capsys.readouterr().out)
+        assert "lab3" in out["skipped_batches"]
+        assert "lab16" in out["per_batch"]
+    assert main(["eval", str(small_project), "--split", "batch"]) == 0
+    assert "batch lab3 not held out" in capsys.readouterr().out
+
+
+def test_by_slide_compares_smears_and_falls_back(small_project, tmp_path, capsys):
+    """--by slide compares the smears (two per lab here); on a project without slides it
+    falls back to the batches and says so; an unknown column is exit 1 with one line."""
+    assert main(["batch", str(small_project), "--json", "--by", "slide"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["by"] == "slide"
+    assert len(out["batches"]) == 6
+    no_slides = make_project(tmp_path / "noslide.h5ad")  # its slide column is empty
+    assert main(["batch", str(no_slides), "--by", "slide"]) == 0
+    assert "no slides" in capsys.readouterr().out
+    assert main(["batch", str(small_project), "--by", "scanner"]) == 1
+    assert "no column 'scanner'" in capsys.readouterr().err

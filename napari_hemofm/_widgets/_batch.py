@@ -2,17 +2,21 @@
 
 What a hematologist sees, top to bottom:
 
+- a level chooser: compare batches (labs, scanners) or slides (smears, patients);
+  :func:`~napari_hemofm.core.batch.default_level` picks the table's default;
 - two maps with the same coordinates (``obsm["X_umap"]``), the left coloured by batch,
   the right by cell type; either can show the per-cell *mixing* (iLISI) instead. A
   selection on either is the session's selection (origin ``"batch_view"``);
 - a correction preview (centre / ComBat / Harmony, :func:`~napari_hemofm.core.batch.
-  correct_embeddings`): the maps show the UMAP of the corrected embedding and the
-  metric table shows before -> after. ``obsm["X_embed"]`` is never written; "Keep as
-  separate embedding" stores the preview as ``obsm["X_embed_<method>"]``;
+  preview_correction`, as ``hemofm batch --correct``): the maps show the UMAP of the
+  corrected embedding and the metric table shows before -> after. ``obsm["X_embed"]``
+  is never written; "Keep as separate embedding" stores the preview as
+  ``obsm["X_embed_<method>"]``;
 - three tabs: the metric table (:func:`~napari_hemofm.core.batch.batch_report`, per cell
-  type and overall, with each metric's direction and meaning), a batch x cell-type grid
-  of thumbnails (the same cell type from each lab side by side), and per-batch stain and
-  size distributions (:mod:`~napari_hemofm.core.appearance`).
+  type and overall, with each metric's direction and meaning), a group x cell-type grid
+  of thumbnails (the same cell type from each lab side by side; ``_batch_grid.py``), and
+  per-group stain and size distributions (:mod:`~napari_hemofm.core.appearance`;
+  ``_batch_plots.py``).
 
 It talks only to the viewer's :class:`~napari_hemofm.core.session.CellSession`. It
 writes into the cell table only on the GUI thread, and only: the ``ilisi`` column
@@ -21,7 +25,8 @@ and the Cell map can colour by it), ``obsm["X_umap"]`` when asked to compute it 
 Cell map does), and a kept correction.
 Everything slow (metrics, corrections, UMAP, crops) runs in workers started with
 :func:`~napari_hemofm._widgets._workers.start_worker` on snapshots taken on the GUI
-thread, so a worker never reads the live table.
+thread, so a worker never reads the live table. A worker body never raises
+(:func:`never_raises`): its error becomes one line in the panel, never a napari pop-up.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,7 +46,6 @@ from qtpy.QtWidgets import (
     QButtonGroup,
     QCheckBox,
     QComboBox,
-    QFrame,
     QGridLayout,
     QHBoxLayout,
     QHeaderView,
@@ -49,7 +53,6 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QScrollArea,
-    QSizePolicy,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
@@ -58,14 +61,30 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_hemofm._widgets._colors import MISSING_COLOR, theme_background
-from napari_hemofm._widgets._map import (
-    MISSING_ARGB,
-    _colormap_lut,
-    _hex_to_argb,
-    _html,
-    palette_color,
+from napari_hemofm._widgets._batch_grid import THUMBS_PER_GROUP, BatchClassGrid
+from napari_hemofm._widgets._batch_plots import APPEARANCE_PER_BATCH, AppearancePlots
+from napari_hemofm._widgets._batch_work import (
+    Failure,
+    Preview,
+    Snapshot,
+    analyse,
+    correction_preview,
+    error_line,
+    measure_appearance,
+    never_raises,
+    pca_layout,
+    umap_layout,
 )
+from napari_hemofm._widgets._colors import (
+    MISSING_ARGB,
+    MISSING_COLOR,
+    theme_background,
+)
+from napari_hemofm._widgets._colors import class_hex as palette_color
+from napari_hemofm._widgets._colors import colormap_lut as _colormap_lut
+from napari_hemofm._widgets._colors import hex_to_argb as _hex_to_argb
+from napari_hemofm._widgets._colors import html_escape as _html
+from napari_hemofm._widgets._docking import setup_dock
 from napari_hemofm._widgets._scatter import ScatterCanvas
 from napari_hemofm._widgets._session import get_session
 from napari_hemofm._widgets._signals import (
@@ -73,11 +92,6 @@ from napari_hemofm._widgets._signals import (
     disconnect_all,
     disconnect_groups,
     on_main_thread,
-)
-from napari_hemofm._widgets._thumbstrip import (
-    placeholder_pixmap,
-    start_thumbnail_worker,
-    thumbnail_pixmap,
 )
 from napari_hemofm._widgets._workers import Lifeline, start_worker
 
@@ -91,9 +105,15 @@ if TYPE_CHECKING:
 ORIGIN = "batch_view"
 #: Correction previews offered ("none" shows the embeddings as they are).
 CORRECTIONS = ("none", "centre", "combat", "harmony")
+#: The levels the view compares: key -> combo text (core.batch.LEVELS, coarsest first).
+LEVEL_OPTIONS: dict[str, str] = {
+    "batch": "batches (lab, scanner)",
+    "slide": "slides (smear, patient)",
+}
 #: What a map can be coloured by: key -> combo text.
 COLOR_OPTIONS: dict[str, str] = {
     "batch": "batch",
+    "slide": "slide",
     "class": "cell type (label, else prediction)",
     "label": "label (curated only)",
     "prediction": "prediction",
@@ -101,137 +121,17 @@ COLOR_OPTIONS: dict[str, str] = {
 }
 #: The obs column holding the per-cell mixing of ``X_embed``.
 MIXING_COLUMN = "ilisi"
-#: Thumbnails per (batch, cell type) in the grid.
-THUMBS_PER_GROUP = 4
-#: Side of a grid thumbnail in pixels.
-GRID_ICON = 48
-#: Cells per batch measured for the stain and size plots (seeded sample).
-APPEARANCE_PER_BATCH = 300
 #: Colormap of the mixing colouring.
 MIXING_COLORMAP = "viridis"
 #: First colormap entry used: viridis' darkest purples vanish on napari's dark theme.
 MIXING_LUT_START = 40
 #: Delay before the grid follows a selection made elsewhere (ms).
 GRID_DEBOUNCE_MS = 150
-#: Plotted appearance statistics: (column, axis title).
-APPEARANCE_PLOTS: tuple[tuple[str, str], ...] = (
-    ("cell_hue_deg", "cell hue (deg; -60 magenta, -120 blue)"),
-    ("cell_saturation", "cell saturation (0-1)"),
-    ("cell_od", "cell optical density (R+G+B)"),
-    ("nucleus_od", "nucleus optical density (R+G+B)"),
-    ("cell_area", "cell area"),
-    ("background", "glass brightness (0-255)"),
-)
 
 
 def harmony_available() -> bool:
     """Whether the optional ``harmonypy`` package is installed."""
     return importlib.util.find_spec("harmonypy") is not None
-
-
-# ---------------------------------------------------------------- worker bodies
-@dataclass
-class _Snapshot:
-    """What a worker needs, copied from the table on the GUI thread.
-
-    ``X`` holds the embedded rows only (boolean indexing copies), so no worker can touch
-    ``obsm["X_embed"]``.
-    """
-
-    table: Any
-    generation: int  # the widget's invalidation count when taken
-    X_ref: Any  # the table's embedding array when taken (identity = cache key)
-    X: np.ndarray  # (n_embedded, dim)
-    done: np.ndarray  # (n_cells,) bool: embedded rows
-    batches: np.ndarray  # (n_embedded,) object
-    labels: np.ndarray  # (n_embedded,) object, None = no cell type
-
-    def full(self, values: np.ndarray) -> np.ndarray:
-        """Values of the embedded rows spread to all rows (NaN elsewhere)."""
-        values = np.asarray(values)
-        out = np.full((len(self.done), *values.shape[1:]), np.nan, dtype=np.float64)
-        out[self.done] = values
-        return out
-
-
-def _analyse(snap: _Snapshot, want_report: bool) -> dict[str, Any]:
-    """Worker: per-cell mixing and (optionally) the batch report of the snapshot."""
-    from napari_hemofm.core import batch
-
-    out: dict[str, Any] = {
-        "ilisi": snap.full(batch.ilisi_per_cell(snap.X, snap.batches, snap.labels))
-    }
-    if want_report:
-        out["report"] = batch.batch_report(snap.X, snap.batches, snap.labels)
-    return out
-
-
-def _preview(snap: _Snapshot, method: str, want_before: bool) -> dict[str, Any]:
-    """Worker: a corrected copy of the embeddings, its UMAP, mixing and report."""
-    from napari_hemofm.core import batch, reduce
-
-    corrected = batch.correct_embeddings(snap.X, snap.batches, snap.labels, method=method)
-    out: dict[str, Any] = {
-        "X": corrected,
-        "coords": snap.full(reduce.compute_umap(corrected, **reduce.UMAP_DEFAULTS)),
-        "ilisi": snap.full(batch.ilisi_per_cell(corrected, snap.batches, snap.labels)),
-        "report": batch.batch_report(corrected, snap.batches, snap.labels),
-    }
-    if want_before:
-        out["before"] = _analyse(snap, True)
-    return out
-
-
-def _pca_layout(snap: _Snapshot) -> np.ndarray:
-    """Worker: the first two principal components (a quick stand-in for the UMAP)."""
-    from napari_hemofm.core.reduce import compute_pca
-
-    xy = compute_pca(snap.X, 2) if len(snap.X) >= 2 else np.zeros((len(snap.X), 2))
-    if xy.shape[1] < 2:
-        xy = np.concatenate([xy, np.zeros((len(xy), 2 - xy.shape[1]))], axis=1)
-    return snap.full(xy)
-
-
-def _umap_layout(snap: _Snapshot) -> tuple[np.ndarray, dict[str, Any]]:
-    """Worker: the UMAP of ``X_embed`` as the Cell map computes it, with its cache key."""
-    from napari_hemofm.core import reduce
-
-    coords = reduce.compute_umap(snap.X, **reduce.UMAP_DEFAULTS)
-    key = {"fingerprint": reduce.embedding_fingerprint(snap.X_ref), **reduce.UMAP_DEFAULTS}
-    return snap.full(coords), key
-
-
-def _measure(
-    obs: pd.DataFrame,
-    rows: np.ndarray,
-    images: dict[str, Any],
-    pixel_size_um: float | None,
-    progress: Callable[[int, int], None],
-    cancel: Callable[[], bool],
-) -> pd.DataFrame:
-    """Worker: stain and size statistics of the sampled cells."""
-    from napari_hemofm.core.appearance import table_appearance
-
-    return table_appearance(
-        obs,
-        None,
-        rows=rows,
-        progress=progress,
-        images=images,
-        pixel_size_um=pixel_size_um,
-        cancel=cancel,
-    )
-
-
-@dataclass
-class _Preview:
-    """A computed correction preview."""
-
-    X: np.ndarray
-    coords: np.ndarray
-    ilisi: np.ndarray
-    report: dict[str, Any]
-    done: np.ndarray = field(repr=False)
 
 
 # ---------------------------------------------------------------- colours
@@ -305,11 +205,6 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def _better(direction: str) -> int:
-    """+1 when a higher value is the good direction for this metric, else -1."""
-    return -1 if "batch effect" in direction else 1
-
-
 # ---------------------------------------------------------------- sub-widgets
 class _MapPanel:
     """One map: a colour-by combo, the scatter canvas and its legend.
@@ -359,272 +254,10 @@ class _MapPanel:
             self.legend_bar.hide()
 
 
-class _Thumb(QLabel):
-    """A clickable thumbnail of one cell."""
-
-    clicked = Signal(int)
-
-    def __init__(self, row: int, cell_id: str, size: int) -> None:
-        super().__init__()
-        self.row = int(row)
-        self.cell_id = cell_id
-        self.setFixedSize(size + 4, size + 4)
-        self.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.setToolTip(cell_id)
-        self.setCursor(Qt.CursorShape.PointingHandCursor)
-        self.set_selected(False)
-
-    def set_selected(self, selected: bool) -> None:
-        color = "#ffd84a" if selected else "transparent"
-        self.setStyleSheet(f"border: 2px solid {color};")
-
-    def mousePressEvent(self, event) -> None:
-        """A click selects the cell."""
-        if event.button() == Qt.MouseButton.LeftButton:
-            self.clicked.emit(self.row)
-        event.accept()
-
-
-class BatchClassGrid(QWidget):
-    """Thumbnails of each cell type from each batch: rows x columns of small groups.
-
-    Signals
-    -------
-    cell_clicked(int)
-        The table row of a clicked thumbnail.
-    """
-
-    cell_clicked = Signal(int)
-
-    def __init__(self, cache: Callable[[], Any], *, icon: int = GRID_ICON) -> None:
-        super().__init__()
-        self._cache = cache
-        self.icon = int(icon)
-        self._lifeline = Lifeline(self)
-        self._worker = None
-        self._thumbs: dict[str, list[_Thumb]] = {}
-        self.row_names: list[str] = []
-        self.column_names: list[str] = []
-        self._shown: dict[tuple[str, str], list[str]] = {}
-        self._placeholder = placeholder_pixmap(self.icon)
-        self.scroll = QScrollArea()
-        self.scroll.setWidgetResizable(True)
-        self._content = QWidget()
-        self.scroll.setWidget(self._content)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.scroll)
-
-    @property
-    def loading(self) -> bool:
-        """True while thumbnails are cut in the background."""
-        return self._worker is not None
-
-    def shown(self, row_name: str, column_name: str) -> list[str]:
-        """Cell ids shown in one grid cell, in order."""
-        return list(self._shown.get((row_name, column_name), []))
-
-    def thumbnails(self) -> list[_Thumb]:
-        """Every thumbnail widget of the grid."""
-        return [t for group in self._thumbs.values() for t in group]
-
-    def set_groups(
-        self,
-        row_names: Sequence[str],
-        column_names: Sequence[str],
-        groups: dict[tuple[str, str], tuple[np.ndarray, list[str], int]],
-        row_colors: dict[str, str],
-        column_colors: dict[str, str],
-        selected: np.ndarray,
-    ) -> None:
-        """Lay the grid out.
-
-        Parameters
-        ----------
-        row_names, column_names : sequence of str
-        groups : dict
-            ``(row name, column name) -> (table rows, cell ids, cells in the group)``.
-        row_colors, column_colors : dict of str to str
-            Header colours.
-        selected : ndarray of int
-            Selected table rows (their thumbnails are outlined).
-        """
-        self.stop()
-        self.row_names = list(row_names)
-        self.column_names = list(column_names)
-        self._thumbs = {}
-        self._shown = {}
-        content = QWidget()
-        grid = QGridLayout(content)
-        grid.setSpacing(4)
-        grid.setContentsMargins(2, 2, 2, 2)
-        for j, name in enumerate(self.column_names):
-            head = QLabel(
-                f'<span style="color:{column_colors.get(name, MISSING_COLOR)}">&#9632;</span>'
-                f"&nbsp;<b>{_html(name)}</b>"
-            )
-            head.setAlignment(Qt.AlignmentFlag.AlignCenter)
-            grid.addWidget(head, 0, j + 1)
-        cache = self._cache()
-        missing: list[str] = []
-        chosen = set(np.asarray(selected, np.int64).tolist())
-        per_row = 2
-        for i, rname in enumerate(self.row_names):
-            head = QLabel(
-                f'<span style="color:{row_colors.get(rname, MISSING_COLOR)}">&#9632;</span>'
-                f"&nbsp;<b>{_html(rname)}</b>"
-            )
-            head.setWordWrap(True)
-            head.setMaximumWidth(110)
-            grid.addWidget(head, i + 1, 0)
-            for j, cname in enumerate(self.column_names):
-                rows, ids, total = groups.get((rname, cname), (np.zeros(0, np.int64), [], 0))
-                box = QFrame()
-                box.setFrameShape(QFrame.Shape.StyledPanel)
-                inner = QGridLayout(box)
-                inner.setContentsMargins(2, 2, 2, 2)
-                inner.setSpacing(1)
-                for k, (row, cell_id) in enumerate(zip(rows.tolist(), ids, strict=True)):
-                    thumb = _Thumb(row, cell_id, self.icon)
-                    pix = cache.peek(cell_id)
-                    if pix is None:
-                        thumb.setPixmap(self._placeholder)
-                        missing.append(cell_id)
-                    else:
-                        thumb.setPixmap(thumbnail_pixmap(pix, self.icon))
-                    thumb.set_selected(row in chosen)
-                    thumb.clicked.connect(self.cell_clicked.emit)
-                    inner.addWidget(thumb, k // per_row, k % per_row)
-                    self._thumbs.setdefault(cell_id, []).append(thumb)
-                self._shown[(rname, cname)] = list(ids)
-                caption = QLabel(f"n={total:,}" if total else "none")
-                caption.setStyleSheet("color: gray;")
-                caption.setAlignment(Qt.AlignmentFlag.AlignCenter)
-                span = max(1, (len(ids) + per_row - 1) // per_row)
-                inner.addWidget(caption, span, 0, 1, per_row)
-                grid.addWidget(box, i + 1, j + 1)
-        grid.setRowStretch(len(self.row_names) + 1, 1)
-        grid.setColumnStretch(len(self.column_names) + 1, 1)
-        self.scroll.setWidget(content)  # deletes the previous content
-        self._content = content
-        if missing:
-            self._worker = start_thumbnail_worker(
-                cache,
-                list(dict.fromkeys(missing)),
-                self._on_loaded,
-                self._on_finished,
-                lifeline=self._lifeline,
-            )
-
-    def set_selected(self, rows: np.ndarray) -> None:
-        """Outline the thumbnails of these table rows."""
-        chosen = set(np.asarray(rows, np.int64).tolist())
-        for thumb in self.thumbnails():
-            thumb.set_selected(thumb.row in chosen)
-
-    def _on_loaded(self, thumbs: dict[str, np.ndarray]) -> None:
-        for cell_id, thumb in thumbs.items():
-            for label in self._thumbs.get(cell_id, []):
-                label.setPixmap(thumbnail_pixmap(thumb, self.icon))
-
-    def _on_finished(self, worker) -> None:
-        if worker is self._worker:
-            self._worker = None
-
-    def stop(self) -> None:
-        """Stop loading thumbnails."""
-        if self._worker is not None:
-            worker, self._worker = self._worker, None
-            worker.quit()
-
-
 class _Relay(QObject):
     """Carries a worker's progress to the GUI thread (a queued signal)."""
 
     progress = Signal(int, int)
-
-
-class AppearancePlots(QWidget):
-    """Per-batch distributions of stain colour, density and cell size (box plots)."""
-
-    def __init__(self, background: str) -> None:
-        super().__init__()
-        self._background = background
-        self.measure_button = QPushButton("Measure stain and size")
-        self.measure_button.setToolTip(
-            f"Segment up to {APPEARANCE_PER_BATCH} cells per batch (seeded sample) and "
-            "measure their colour, optical density and area"
-        )
-        self.progress = QProgressBar()
-        self.progress.setMaximumHeight(14)
-        self.progress.hide()
-        self.status = QLabel("Not measured yet.")
-        self.status.setWordWrap(True)
-        top = QHBoxLayout()
-        top.addWidget(self.measure_button)
-        top.addWidget(self.progress, 1)
-        self._layout = QVBoxLayout(self)
-        self._layout.setContentsMargins(0, 0, 0, 0)
-        self._layout.addLayout(top)
-        self._layout.addWidget(self.status)
-        self.figure = None
-        self.canvas = None
-
-    def _ensure_canvas(self) -> None:
-        if self.canvas is not None:
-            return
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(6, 3.6), facecolor=self._background, layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-        self.canvas.setMinimumHeight(220)
-        self._layout.addWidget(self.canvas, 1)
-
-    def plot(self, frame: pd.DataFrame, batches: list[str], colors: dict[str, str]) -> None:
-        """Box plots of :data:`APPEARANCE_PLOTS` per batch."""
-        self._ensure_canvas()
-        fig = self.figure
-        fig.clear()
-        light = QColor(self._background).lightnessF() > 0.5
-        fg = "#222222" if light else "#d0d0d0"
-        data = frame[frame["segmented"]]
-        has_um = data["cell_area_um2"].notna().any()
-        axes = fig.subplots(2, 3)
-        for ax, (column, title) in zip(axes.ravel(), APPEARANCE_PLOTS, strict=True):
-            if column == "cell_area":
-                column = "cell_area_um2" if has_um else "cell_area_px"
-                title = "cell area (um$^2$)" if has_um else "cell area (source px)"
-            if column == "background":
-                values = data[["background_r", "background_g", "background_b"]].mean(axis=1)
-            else:
-                values = data[column]
-            groups = [values[data["batch"].astype(str) == b].dropna().to_numpy() for b in batches]
-            keep = [i for i, g in enumerate(groups) if len(g)]
-            ax.set_facecolor(self._background)
-            for spine in ax.spines.values():
-                spine.set_color(fg)
-            ax.tick_params(colors=fg, labelsize=7)
-            ax.set_title(title, color=fg, fontsize=8)
-            if not keep:
-                continue
-            parts = ax.boxplot(
-                [groups[i] for i in keep],
-                patch_artist=True,
-                widths=0.6,
-                showfliers=True,
-                flierprops={"markersize": 2, "markeredgecolor": fg, "alpha": 0.5},
-                medianprops={"color": fg},
-                whiskerprops={"color": fg},
-                capprops={"color": fg},
-            )
-            for patch, i in zip(parts["boxes"], keep, strict=True):
-                patch.set_facecolor(colors.get(batches[i], MISSING_COLOR))
-                patch.set_edgecolor(fg)
-            ax.set_xticks(range(1, len(keep) + 1))
-            ax.set_xticklabels([batches[i] for i in keep], rotation=20, ha="right")
-        self.canvas.draw_idle()
 
 
 # ---------------------------------------------------------------- the widget
@@ -672,7 +305,7 @@ class BatchViewWidget(QWidget):
         self._ilisi: np.ndarray | None = None
         self._analysed_for: Any = None
         self._stale = ""
-        self._previews: dict[str, _Preview] = {}
+        self._previews: dict[str, Preview] = {}
         self._preview_error: dict[str, str] = {}
         self._workers: dict[str, Any] = {}
         self._want_report = False
@@ -684,6 +317,7 @@ class BatchViewWidget(QWidget):
         self.error = ""
 
         self._build_ui()
+        setup_dock(self)
         self._grid_timer = QTimer(self)
         self._grid_timer.setSingleShot(True)
         self._grid_timer.setInterval(GRID_DEBOUNCE_MS)
@@ -745,7 +379,18 @@ class BatchViewWidget(QWidget):
         self.reset_button = QPushButton("Reset view")
         self.reset_button.clicked.connect(self.reset_view)
 
+        self.level_combo = QComboBox()
+        for key, text in LEVEL_OPTIONS.items():
+            self.level_combo.addItem(text, key)
+        self.level_combo.setToolTip(
+            "What the view compares: batches (labs, scanners) or slides (one smear or "
+            "patient; a cell without a slide counts as its batch, as crops do)"
+        )
+        self.level_combo.currentIndexChanged.connect(self._on_level_changed)
+
         top = QHBoxLayout()
+        top.addWidget(QLabel("Compare"))
+        top.addWidget(self.level_combo)
         top.addWidget(QLabel("Correction preview"))
         top.addWidget(self.correction_combo)
         top.addWidget(self.keep_button)
@@ -922,7 +567,7 @@ class BatchViewWidget(QWidget):
         """The batch report of ``X_embed`` (None before Compute)."""
         return self._report
 
-    def preview(self, method: str) -> _Preview | None:
+    def preview(self, method: str) -> Preview | None:
         """The computed preview of a correction, if any."""
         return self._previews.get(method)
 
@@ -979,6 +624,7 @@ class BatchViewWidget(QWidget):
         for signal, slot in self._slots["table"]:
             signal.connect(slot)
         self._category_index.clear()
+        self._choose_level(table)
         self._invalidate("table")
         self.appearance = None
         self.plots.status.setText("Not measured yet.")
@@ -1005,7 +651,7 @@ class BatchViewWidget(QWidget):
         self.metrics_busy.hide()
         self.compute_button.setEnabled(True)
 
-    def _snapshot(self) -> _Snapshot | None:
+    def _snapshot(self) -> Snapshot | None:
         from napari_hemofm.core.batch import table_labels
 
         table = self.table
@@ -1015,15 +661,66 @@ class BatchViewWidget(QWidget):
         done = np.isfinite(X).all(axis=1)
         if not done.any():
             return None
-        return _Snapshot(
+        groups, column = self._groups()
+        return Snapshot(
             table=table,
             generation=self._generation,
             X_ref=X,
             X=np.asarray(X[done]),
             done=done,
-            batches=table.obs["batch"].astype(object).to_numpy()[done],
+            batches=groups[done],
             labels=table_labels(table)[done],
+            level=column,
         )
+
+    def _groups(self) -> tuple[np.ndarray, str]:
+        """The group of each cell at the chosen level, and the column it comes from."""
+        from napari_hemofm.core.batch import level_values
+
+        values, column, _note = level_values(self.table, self.level)
+        return values, column
+
+    @property
+    def level(self) -> str:
+        """The level compared: ``"batch"`` or ``"slide"``."""
+        return str(self.level_combo.currentData())
+
+    @property
+    def level_column(self) -> str:
+        """The obs column compared (``"batch"`` where a slide level finds no slides)."""
+        from napari_hemofm.core.batch import level_column
+
+        return level_column(self.table, self.level)[0]
+
+    def set_level(self, level: str) -> None:
+        """Compare ``"batch"`` or ``"slide"`` groups."""
+        index = self.level_combo.findData(level)
+        if index < 0:
+            raise ValueError(f"level must be one of {list(LEVEL_OPTIONS)}; got {level!r}")
+        self.level_combo.setCurrentIndex(index)
+
+    def _choose_level(self, table: CellTable) -> None:
+        """The table's default level (batches; slides for one batch of several smears)."""
+        from napari_hemofm.core.batch import default_level
+
+        index = self.level_combo.findData(default_level(table))
+        self.level_combo.blockSignals(True)
+        self.level_combo.setCurrentIndex(index)
+        self.level_combo.blockSignals(False)
+        if self.left.color_by in LEVEL_OPTIONS:
+            self.left.set_color_by(self.level_column)
+
+    def _on_level_changed(self, _index: int) -> None:
+        self._invalidate("level")
+        self.metrics_status.setText(
+            f"Comparing {LEVEL_OPTIONS[self.level]}: press Compute to measure."
+        )
+        column = self.level_column
+        if self.left.color_by in LEVEL_OPTIONS and self.left.color_by != column:
+            self.left.set_color_by(column)  # -> recolour
+        self.appearance = None
+        self.plots.status.setText("Not measured yet.")
+        self.refresh_grid()
 
     # ---------------------------------------------------------- layout
     def _load_layout(self, *, fit: bool = False) -> None:
@@ -1068,9 +765,9 @@ class BatchViewWidget(QWidget):
         snap = self._snapshot()
         if snap is None:
             return
-        self._start("layout", _pca_layout, snap, returned=self._on_pca, snap=snap)
+        self._start("layout", pca_layout, snap, returned=self._on_pca, snap=snap)
 
-    def _current(self, snap: _Snapshot) -> bool:
+    def _current(self, snap: Snapshot) -> bool:
         """Whether a worker's snapshot still matches the table."""
         table = self.table
         return (
@@ -1079,7 +776,7 @@ class BatchViewWidget(QWidget):
             and snap.X_ref is table.embeddings
         )
 
-    def _on_pca(self, snap: _Snapshot, xy: np.ndarray) -> None:
+    def _on_pca(self, snap: Snapshot, xy: np.ndarray) -> None:
         if not self._current(snap) or "X_umap" in self.table.adata.obsm:
             return
         self._layout_for = snap.X_ref
@@ -1098,10 +795,10 @@ class BatchViewWidget(QWidget):
         if snap is None or (~snap.done).any():
             self.status.setText("Every cell must be embedded before the UMAP.")
             return
-        self._start("umap", _umap_layout, snap, returned=self._on_umap, snap=snap)
+        self._start("umap", umap_layout, snap, returned=self._on_umap, snap=snap)
         self._update_status("")
 
-    def _on_umap(self, snap: _Snapshot, result: tuple[np.ndarray, dict]) -> None:
+    def _on_umap(self, snap: Snapshot, result: tuple[np.ndarray, dict]) -> None:
         table = self.table
         if not self._current(snap):
             return
@@ -1129,6 +826,8 @@ class BatchViewWidget(QWidget):
             text = "Laying the cells out..."
         if "umap" in self._workers:
             text += " | computing UMAP (the first of a session takes ~30 s)..."
+        if kind == "preview" and self._previews[self.correction].skipped:
+            text += f" | {self._previews[self.correction].skipped}"
         if "preview" in self._workers:
             text += f" | computing the '{self.correction}' preview (correction, UMAP, metrics)..."
         elif self.correction in self._preview_error:
@@ -1212,6 +911,21 @@ class BatchViewWidget(QWidget):
         for name in self.table.batches:
             order.setdefault(name, len(order))
         return {name: palette_color(i) for name, i in order.items()}
+
+    def group_colors(self) -> dict[str, str]:
+        """Colour of each group compared (batch or slide), as on the map coloured by it."""
+        column = self.level_column
+        if column == "batch":
+            return self.batch_colors()
+        order = self._order(column)
+        for name in pd.unique(self._groups()[0]):
+            if name is not None:
+                order.setdefault(str(name), len(order))
+        return {name: palette_color(i) for name, i in order.items()}
+
+    def _group_names(self) -> list[str]:
+        """The groups compared, in order of first appearance."""
+        return [str(v) for v in pd.unique(self._groups()[0]) if v is not None]
 
     def class_colors(self) -> dict[str, str]:
         """Colour of each cell type (as on the cell-type map and in the Cell map)."""
@@ -1299,15 +1013,15 @@ class BatchViewWidget(QWidget):
         self.refresh_grid()
 
     def refresh_grid(self) -> None:
-        """Lay the batch x cell-type thumbnail grid out again."""
+        """Lay the group (batch or slide) x cell-type thumbnail grid out again."""
         self._grid_timer.stop()
         table = self.table
-        batches = table.batches
+        batches = self._group_names()
         classes_all = self._class_values()
         present = {str(v) for v in classes_all if v is not None}
         classes = [c for c in table.classes if c in present]
         classes += sorted(present - set(classes))
-        batch_col = table.obs["batch"].astype(object).to_numpy()
+        batch_col = self._groups()[0]
         selected = self.session.selected
         sel_mask = np.zeros(table.n_cells, bool)
         sel_mask[selected[selected < table.n_cells]] = True
@@ -1326,7 +1040,7 @@ class BatchViewWidget(QWidget):
                 shown = rows[:THUMBS_PER_GROUP].astype(np.int64)
                 key = (c, b) if swap else (b, c)
                 groups[key] = (shown, ids[shown].tolist(), len(rows))
-        bcol, ccol = self.batch_colors(), self.class_colors()
+        bcol, ccol = self.group_colors(), self.class_colors()
         if swap:
             self.grid.set_groups(classes, batches, groups, ccol, bcol, selected)
         else:
@@ -1352,17 +1066,20 @@ class BatchViewWidget(QWidget):
         if snap is None:
             self.metrics_status.setText("No embeddings yet: embed the cells first.")
             return
-        if len(set(snap.batches.tolist())) < 2:
+        names = sorted({str(v) for v in snap.batches.tolist()})
+        if len(names) < 2:
             self.metrics_status.setText(
-                f"Only one batch ({', '.join(map(str, set(snap.batches.tolist())))}): "
-                "batch effects need cells from two or more labs, scanners or stains."
+                f"Only one {snap.level} ({', '.join(names)}): batch effects need cells "
+                f"from two or more {snap.level}es."
+                if snap.level == "batch"
+                else f"Only one {snap.level} ({', '.join(names)}): comparing needs two or more."
             )
             return
         want = self._want_report
         self._want_report = False
         self._start(
             "analyse",
-            _analyse,
+            analyse,
             snap,
             want,
             returned=self._on_analysed,
@@ -1375,7 +1092,7 @@ class BatchViewWidget(QWidget):
             n = int(snap.done.sum())
             self.metrics_status.setText(f"Computing the metrics of {n:,} cells...")
 
-    def _on_analysed(self, snap: _Snapshot, result: dict[str, Any]) -> None:
+    def _on_analysed(self, snap: Snapshot, result: dict[str, Any]) -> None:
         if self._current(snap):
             self._apply_analysis(result)
 
@@ -1393,26 +1110,44 @@ class BatchViewWidget(QWidget):
         self._recolor()
 
     def _on_analysis_error(self, exc: Exception) -> None:
-        self.metrics_status.setText(f"Could not compute the metrics: {exc}")
+        self.metrics_status.setText(f"Could not compute the metrics: {error_line(exc)}")
 
     def _report_summary(self) -> str:
         report = self._report
         if report is None:
             return ""
         excluded = report.get("excluded_labels") or {}
+        level = self.level_column
+        shown = report["batches"][:12]
+        more = len(report["batches"]) - len(shown)
         text = (
-            f"{report['n_cells']:,} cells in {len(report['batches'])} batches "
-            f"({', '.join(report['batches'])}); cell types mixed: "
+            f"{report['n_cells']:,} cells in {len(report['batches'])} {level} groups "
+            f"({', '.join(shown)}{f', +{more} more' if more else ''}); cell types mixed: "
             f"{', '.join(report.get('mixing_labels') or []) or 'none'}."
         )
         if excluded:
             text += " Left out of the averages: " + ", ".join(
                 f"{k} ({v})" for k, v in excluded.items()
             )
+            text += "."
+        lobo = report.get("lobo") or {}
+        if lobo.get("sampled"):
+            text += f" Leave-one-out probes on a seeded sample of {lobo['n_cells']:,} cells."
+        for probe, skipped in (lobo.get("skipped") or {}).items():
+            if skipped:
+                text += f" Not held out by the {probe} probe: " + ", ".join(
+                    f"{b} ({why})" for b, why in skipped.items()
+                )
+                text += "."
+        missing = [k for k, v in report["metrics"].items() if v is None]
+        reasons = report.get("reasons") or {}
+        if missing:
+            why = {reasons.get(k, "") for k in missing}
+            text += " Not computed: " + ", ".join(missing) + f" ({'; '.join(sorted(why))})."
         return text
 
     def _fill_metrics(self) -> None:
-        from napari_hemofm.core.batch import METRIC_INFO
+        from napari_hemofm.core.batch import METRIC_INFO, METRICS
 
         table = self.metrics_table
         before = self._report
@@ -1475,7 +1210,7 @@ class BatchViewWidget(QWidget):
                     if text != "-" or _fmt(new) != "-":
                         item.setText(f"{text} \u2192 {_fmt(new)}")
                     if isinstance(value, float) and isinstance(new, float):
-                        delta = (new - value) * _better(direction)
+                        delta = (new - value) * (1 if METRICS[name].higher_is_better else -1)
                         if delta > 0.01:
                             item.setForeground(QColor("#4caf50"))
                         elif delta < -0.01:
@@ -1509,7 +1244,7 @@ class BatchViewWidget(QWidget):
         self._preview_error.pop(method, None)
         self._start(
             "preview",
-            _preview,
+            correction_preview,
             snap,
             method,
             self._report is None,
@@ -1520,15 +1255,16 @@ class BatchViewWidget(QWidget):
         self.metrics_busy.show()
         self._update_status()
 
-    def _on_preview(self, method: str, snap: _Snapshot, result: dict[str, Any]) -> None:
+    def _on_preview(self, method: str, snap: Snapshot, result: dict[str, Any]) -> None:
         if not self._current(snap):
             return
-        self._previews[method] = _Preview(
+        self._previews[method] = Preview(
             X=result["X"],
             coords=result["coords"],
             ilisi=result["ilisi"],
             report=result["report"],
             done=snap.done,
+            skipped=result.get("skipped", ""),
         )
         if "before" in result and self._report is None:
             self._apply_analysis(result["before"])
@@ -1538,7 +1274,7 @@ class BatchViewWidget(QWidget):
             self._fill_metrics()
 
     def _on_preview_error(self, method: str, exc: Exception) -> None:
-        self._preview_error[method] = f"{type(exc).__name__}: {exc}"
+        self._preview_error[method] = error_line(exc)
         self._update_status()
 
     def keep_preview(self) -> None:
@@ -1570,13 +1306,14 @@ class BatchViewWidget(QWidget):
             self.plots.status.setText("No cells yet.")
             return
         rng = np.random.default_rng(0)
-        batch_col = table.obs["batch"].astype(object).to_numpy()
+        batch_col = self._groups()[0]
         rows = []
-        for b in table.batches:
+        for b in self._group_names():
             members = np.flatnonzero(batch_col == b)
             rows.append(rng.permutation(members)[:per_batch])
         rows = np.sort(np.concatenate(rows)).astype(np.int64)
-        obs = table.obs[["source", "batch", "x0", "y0", "x1", "y1"]].copy()
+        obs = table.obs[["source", "x0", "y0", "x1", "y1"]].copy()
+        obs.insert(1, "batch", batch_col)  # the plots group by the level compared
         pixel = table.meta.get("pixel_size_um")
         self._measure_cancel = False
         relay = self._relay
@@ -1591,7 +1328,7 @@ class BatchViewWidget(QWidget):
 
         self._start(
             "measure",
-            _measure,
+            measure_appearance,
             obs,
             rows,
             dict(self.session.images),
@@ -1599,7 +1336,7 @@ class BatchViewWidget(QWidget):
             progress,
             cancel,
             returned=functools.partial(self._on_measured, table),
-            errored=lambda exc: self.plots.status.setText(f"Measuring failed: {exc}"),
+            errored=lambda exc: self.plots.status.setText(f"Measuring failed: {error_line(exc)}"),
         )
         self.plots.progress.setRange(0, len(rows))
         self.plots.progress.setValue(0)
@@ -1618,7 +1355,7 @@ class BatchViewWidget(QWidget):
             return
         self.appearance = frame
         ok = int(frame["segmented"].sum())
-        batches = [b for b in self.table.batches if (frame["batch"].astype(str) == b).any()]
+        batches = [b for b in self._group_names() if (frame["batch"].astype(str) == b).any()]
         medians = frame[frame["segmented"]].groupby(frame["batch"].astype(str))
         parts = []
         for b in batches:
@@ -1631,7 +1368,7 @@ class BatchViewWidget(QWidget):
         self.plots.status.setText(
             f"{ok:,} of {len(frame):,} sampled cells segmented. Medians: " + "; ".join(parts)
         )
-        self.plots.plot(frame, batches, self.batch_colors())
+        self.plots.plot(frame, batches, self.group_colors())
 
     # ------------------------------------------------------------ workers
     def _start(
@@ -1640,25 +1377,32 @@ class BatchViewWidget(QWidget):
         fn: Callable,
         *args: Any,
         returned: Callable,
-        snap: _Snapshot | None = None,
+        snap: Snapshot | None = None,
         errored: Callable | None = None,
     ) -> None:
         from napari.qt.threading import create_worker
 
-        worker = create_worker(fn, *args, _start_thread=False)
+        # the body returns its exception (no napari pop-up); errors reach the panel
+        worker = create_worker(never_raises(fn), *args, _start_thread=False)
         wrap = self._lifeline.wrap
-        if snap is not None:
-            worker.returned.connect(wrap(functools.partial(returned, snap)))
-        else:
-            worker.returned.connect(wrap(returned))
-        worker.errored.connect(wrap(errored or self._on_worker_error))
+        on_error = errored or self._on_worker_error
+        on_result = functools.partial(returned, snap) if snap is not None else returned
+
+        def deliver(result: Any) -> None:
+            if isinstance(result, Failure):
+                on_error(result.error)
+            else:
+                on_result(result)
+
+        worker.returned.connect(wrap(deliver))
+        worker.errored.connect(wrap(on_error))
         worker.finished.connect(wrap(functools.partial(self._on_worker_finished, name, worker)))
         self._lifeline.track(worker)
         self._workers[name] = worker
         start_worker(worker)
 
     def _on_worker_error(self, exc: Exception) -> None:
-        self.error = f"{type(exc).__name__}: {exc}"
+        self.error = error_line(exc)
         self._update_status()
 
     def _on_worker_finished(self, name: str, worker: Any) -> None:
@@ -1706,9 +1450,10 @@ class BatchViewWidget(QWidget):
         if not on_main_thread(self._bridge, self._on_columns_changed, names):
             return
         names = set(names)
-        if "batch" in names:
+        if "batch" in names or (self.level == "slide" and "slide" in names):
             self._invalidate("batch")
-            self._category_index.pop("batch", None)
+            for key in ("batch", "slide"):
+                self._category_index.pop(key, None)
             self._recolor()
             self._grid_timer.start()
         elif "prediction" in names:

@@ -2,7 +2,6 @@
 
 import itertools
 import json
-import math
 import sys
 
 import numpy as np
@@ -169,8 +168,8 @@ def test_report_without_labels_leaves_cell_type_metrics_empty():
 
 def test_leave_one_batch_out_falls_with_the_shift():
     """A kNN probe fitted on one lab transfers to a lab shifted by little, not by a lot;
-    the numbers are classify.evaluate_probe's on the mixing types."""
-    from napari_hemofm.core.classify import evaluate_probe
+    the numbers are evaluation.evaluate_probe's on the mixing types."""
+    from napari_hemofm.core.evaluation import evaluate_probe
 
     small = bm.batch_report(*blobs(0.5), lobo=True)["metrics"]
     X, b, y = blobs(12.0)
@@ -486,4 +485,253 @@ def test_metric_info_directions_match_the_report_keys():
         assert key in bm.METRIC_INFO
     assert bm.METRIC_INFO["pcr_batch"][0] == "higher = stronger batch effect"
     assert bm.METRIC_INFO["kbet_acceptance"][0] == "higher = better mixed"
-    assert math.isnan(bm._mean_or_nan([]))
+
+
+def test_each_metric_direction_is_data():
+    """Every metric's direction is a field (higher_is_better), not found in its text:
+    only PCR-batch (an effect size) is better low; the report carries the same flags."""
+    assert {k for k, spec in bm.METRICS.items() if not spec.higher_is_better} == {"pcr_batch"}
+    for key, spec in bm.METRICS.items():
+        assert spec.name == key
+        assert bm.METRIC_INFO[key] == (spec.direction, spec.meaning)
+    report = bm.batch_report(*blobs(1.0, n_per=20), lobo=False)
+    assert report["higher_is_better"] == {k: s.higher_is_better for k, s in bm.METRICS.items()}
+
+
+# ------------------------------------------------------------------ one graph, one loop
+@pytest.mark.parametrize("method", ["exact", "sample"])
+def test_report_equals_the_separate_metric_functions(method):
+    """batch_report's values (overall and per type) equal the separate compute_*
+    functions' given the same neighbour search, exact or approximate; the per-cell iLISI
+    it returns equals ilisi_per_cell's."""
+    X, b, y = blobs(1.5, n_per=45, n_labels=3, n_batches=3, dim=12, seed=5)
+    y = y.copy()
+    y[::7] = None
+    kw = {"exact_below": 0, "reference_cells": 30}
+    report = bm.batch_report(
+        X, b, y, lobo=False, return_per_cell=True, neighbor_method=method, **kw
+    )
+    nbrs = bm.group_neighbors(X, b, y, n_neighbors=90, method=method, **kw)
+    m = report["metrics"]
+    assert m["ilisi"] == pytest.approx(bm.compute_ilisi(X, b, y, neighbors=nbrs), abs=1e-12)
+    assert m["ilisi_raw"] == pytest.approx(
+        bm.compute_ilisi(X, b, y, scaled=False, neighbors=nbrs), abs=1e-12
+    )
+    assert m["kbet_acceptance"] == pytest.approx(bm.compute_kbet(X, b, y, neighbors=nbrs))
+    assert m["pcr_batch"] == pytest.approx(bm.compute_pcr_batch(X, b, y), abs=1e-12)
+    assert m["batch_asw"] == pytest.approx(bm.compute_batch_asw(X, b, y), abs=1e-12)
+    assert m["graph_connectivity"] == pytest.approx(
+        bm.compute_graph_connectivity(X, b, y, neighbors=nbrs)
+    )
+    assert m["celltype_asw"] == pytest.approx(bm.compute_celltype_asw(X, y))
+    assert m["nmi"] == pytest.approx(bm.compute_nmi(X, y))
+    assert m["ari"] == pytest.approx(bm.compute_ari(X, y))
+    per_cell = bm.ilisi_per_cell(X, b, y, neighbors=nbrs)
+    np.testing.assert_allclose(report["ilisi_per_cell"], per_cell, equal_nan=True)
+    for name in report["mixing_labels"]:
+        rows = np.flatnonzero(y == name)
+        assert report["per_label"][name]["ilisi"] == pytest.approx(np.median(per_cell[rows]))
+        assert report["per_label"][name]["neighbors"]["method"] == method
+    if method == "exact":  # without a given search the functions search exactly
+        assert m["kbet_acceptance"] == pytest.approx(bm.compute_kbet(X, b, y))
+        assert m["ilisi"] == pytest.approx(bm.compute_ilisi(X, b, y), abs=1e-12)
+
+
+def test_nearest_neighbors_exact_sampled_and_recall():
+    """The exact search equals a numpy brute force; the sampled search with every cell
+    as reference is exact (recall 1); with 60 reference cells it returns true distances
+    to cells other than the query, ascending, and finds fewer of the true neighbours;
+    k is capped at n - 1 and fewer than two cells is refused."""
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(300, 10)) * np.linspace(3, 0.2, 10)
+    d2 = ((X[:, None] - X[None]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    truth = np.argsort(d2, axis=1)[:, :15]
+    exact = bm.nearest_neighbors(X, 15, method="exact")
+    np.testing.assert_array_equal(exact.indices, truth)
+    np.testing.assert_allclose(exact.distances, np.sqrt(np.sort(d2, axis=1)[:, :15]))
+    full = bm.nearest_neighbors(X, 15, method="sample", reference_cells=300)
+    assert bm.neighbor_recall(full, exact) == pytest.approx(1.0)
+    few = bm.nearest_neighbors(X, 15, method="sample", reference_cells=60)
+    assert 0.05 < bm.neighbor_recall(few, exact) < 0.5
+    assert (few.indices != np.arange(300)[:, None]).all()
+    assert len(np.unique(few.indices)) <= 60
+    np.testing.assert_allclose(
+        few.distances, np.sqrt(np.take_along_axis(d2, few.indices, axis=1)), rtol=1e-6
+    )
+    assert (np.diff(few.distances, axis=1) >= 0).all()
+    assert bm.nearest_neighbors(X[:3], 90).k == 2
+    assert bm.nearest_neighbors(X, 15).method == "exact"  # auto: small -> exact
+    auto = bm.nearest_neighbors(X, 15, exact_below=100, reference_cells=60)
+    assert auto.method == "sample"
+    with pytest.raises(ValueError, match=">= 2 cells"):
+        bm.nearest_neighbors(X[:1], 5)
+
+
+# ------------------------------------------------------------------ small batches
+def small_batches(seed=0):
+    """A 200-cell lab, a 16-cell lab and a 3-cell lab (one labelled cell), 4 types."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=6.0, size=(4, 8))
+    parts = []
+    for lab, n in (("big", 200), ("lab16", 16), ("lab3", 3)):
+        t = np.arange(n) % 4
+        Xb = centres[t] + rng.normal(size=(n, 8)) + (lab != "big") * 1.5
+        yb = np.array([f"type{i}" for i in t], dtype=object)
+        if lab == "lab3":
+            yb[1:] = None
+        parts.append((Xb, np.full(n, lab, dtype=object), yb))
+    X, b, y = (np.concatenate(v) for v in zip(*parts, strict=True))
+    return X, b, y
+
+
+def test_small_batches_never_break_the_report():
+    """A 16-cell and a 3-cell lab beside a big one: every metric is computed or left
+    out with its reason, k is capped at what each type holds, the 3-cell lab is named
+    as too small to hold out, and the report is strict JSON."""
+    X, b, y = small_batches()
+    report = bm.batch_report(X, b, y)
+    json.dumps(report, allow_nan=False)
+    m = report["metrics"]
+    for key in ("ilisi", "kbet_acceptance", "pcr_batch", "graph_connectivity", "nmi"):
+        assert m[key] is not None, key
+    for key, value in m.items():
+        assert value is not None or report["reasons"][key], key
+    for name in report["mixing_labels"]:
+        entry = report["per_label"][name]
+        assert entry["neighbors"]["k"] == min(90, entry["n_cells"] - 1)
+    skipped = report["lobo"]["skipped"]
+    assert "lab3" in skipped["knn"]
+    assert "fewer than 10" in skipped["knn"]["lab3"]
+    assert set(report["lobo"]["per_batch"]) <= {"big", "lab16"}
+    assert m["lobo_knn_accuracy"] is not None
+    # a type with 11 cells in two batches: k capped at 10 for every metric
+    X2, b2, y2 = blobs(1.0, n_per=6, mixes=[[6, 30], [5, 30]], n_labels=2)
+    rep2 = bm.batch_report(X2, b2, y2, lobo=False)
+    assert rep2["per_label"]["type0"]["neighbors"]["k"] == 10
+    assert rep2["per_label"]["type0"]["ilisi"] is not None
+
+
+def test_small_batches_tiny_types_and_one_lab_per_type_give_reasons():
+    """When no type is mixed, every mixing metric is None with the reason, and the
+    leave-one-batch-out probes say why they did not run."""
+    X, b, y = blobs(1.0, mixes=[[30, 0], [0, 30]], n_labels=2)
+    report = bm.batch_report(X, b, y)
+    assert report["metrics"]["ilisi"] is None
+    assert "no cell type" in report["reasons"]["ilisi"]
+    assert "needs >= 2 cell types" in report["reasons"]["lobo_knn_accuracy"]
+    assert report["lobo"] is None
+
+
+def test_lobo_folds_name_small_batches():
+    """Held-out batches need >= min_test cells and a big enough training set; each
+    skipped batch is named with its reason; the other folds keep every cell."""
+    y = np.array(["a", "b"] * 15 + ["a", "b", "a"] + ["a"] * 12, dtype=object)
+    b = np.array(["big"] * 30 + ["tiny"] * 3 + ["mono"] * 12, dtype=object)
+    folds, skipped = bm.lobo_folds(y, b, min_test=10, min_train=20, min_train_classes=2)
+    assert [name for name, _, _ in folds] == ["mono"]
+    assert "3 labelled cell(s), fewer than 10" in skipped["tiny"]
+    assert "fewer than 20" in skipped["big"]
+    _name, train, test = folds[0]
+    assert len(train) == 33
+    assert len(test) == 12
+    with pytest.raises(ValueError, match=">= 2 batches"):
+        bm.lobo_folds(y[:30], b[:30])
+
+
+def test_evaluate_probe_skips_small_batches_with_reasons():
+    """hemofm eval's leave-one-batch-out names the batches it could not hold out instead
+    of failing (kNN k=20 on a 16-cell lab used to raise)."""
+    from napari_hemofm.core.evaluation import evaluate_probe
+
+    X, b, y = small_batches()
+    keep = np.array([v is not None for v in y])
+    for probe, key in (("knn", "knn_k20"), ("linear", "linear")):
+        rep = evaluate_probe(X[keep], y[keep], probe=probe, split="batch", batches=b[keep])
+        assert "lab3" in rep["skipped_batches"]
+        assert "lab16" in rep["per_batch"]
+        assert 0.0 <= rep["results"][key]["balanced_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="no batch can be held out"):
+        evaluate_probe(X[:20], y[:20], split="batch", batches=np.repeat(["p", "q"], 10))
+
+
+@pytest.mark.parametrize("method", ["centre", "combat", "harmony"])
+def test_preview_correction_leaves_uncorrectable_batches_with_a_reason(method):
+    """A batch with one labelled cell cannot be fitted by ComBat; a batch sharing no
+    labelled type cannot be told from biology: both stay as they were, named; the rest
+    is corrected. Two uncorrectable batches out of three leave nothing: ValueError."""
+    if method == "harmony":
+        pytest.importorskip("harmonypy")  # optional extra, not a package module
+    X, b, y = small_batches()
+    preview = bm.preview_correction(X, b, y, method=method)
+    assert preview.X.shape == X.shape
+    if method == "combat":
+        assert "ComBat needs >= 2" in preview.skipped["lab3"]
+        np.testing.assert_array_equal(preview.X[b == "lab3"], X[b == "lab3"])
+        assert "lab3" in preview.note()
+    else:
+        assert preview.skipped == {}
+    assert not np.allclose(preview.X[b == "lab16"], X[b == "lab16"])
+    lonely = y.copy()
+    lonely[b == "lab16"] = "type_only_here"
+    if method != "harmony":
+        p2 = bm.preview_correction(X, b, lonely, method="centre")
+        assert "shares no labelled cell type" in p2.skipped["lab16"]
+        np.testing.assert_array_equal(p2.X[b == "lab16"], X[b == "lab16"])
+    if method == "combat":
+        with pytest.raises(ValueError, match="needs >= 2 batches it can fit"):
+            bm.preview_correction(X, b, lonely, method="combat")
+
+
+def test_table_report_at_the_slide_level_and_its_fallback():
+    """by="slide" compares the slides of the table; a table without slide values falls
+    back to its batches with a note; an unknown column is a KeyError naming it."""
+    X, b, y = blobs(1.0, n_per=20)
+    table = _table(X, b, y)
+    slides = np.array([f"{lab}-s{i % 2}" for i, lab in enumerate(b)], dtype=object)
+    table.set_column("slide", slides)
+    report = bm.table_batch_report(table, by="slide", lobo=False)
+    assert report["by"] == "slide"
+    assert report["level_note"] == ""
+    assert sorted(report["batches"]) == sorted(set(slides))
+    table.set_column("slide", np.full(len(X), None, dtype=object))
+    back = bm.table_batch_report(table, by="slide", lobo=False)
+    assert back["by"] == "batch"
+    assert "no slides" in back["level_note"]
+    assert back["batches"] == ["lab0", "lab1"]
+    with pytest.raises(KeyError, match="no column 'scanner'"):
+        bm.table_batch_report(table, by="scanner")
+
+
+def test_default_level_and_slide_values():
+    """Two batches: compare batches. One batch of several smears: compare slides. A cell
+    without a slide counts as its batch (a crop's slide is its batch)."""
+    X, b, y = blobs(1.0, n_per=10)
+    table = _table(X, b, y)
+    assert bm.default_level(table) == "batch"
+    table.set_column("batch", np.full(len(X), "one_lab", dtype=object))
+    assert bm.default_level(table) == "batch"  # no slides: nothing else to compare
+    slides = np.array([f"smear{i % 3}" for i in range(len(X))], dtype=object)
+    slides[:2] = None
+    table.set_column("slide", slides)
+    assert bm.default_level(table) == "slide"
+    values, column, note = bm.level_values(table, "slide")
+    assert column == "slide"
+    assert note == ""
+    assert values[:2].tolist() == ["one_lab", "one_lab"]
+    assert values[2:].tolist() == slides[2:].tolist()
+
+
+def test_docs_metric_table_is_the_registry():
+    """docs/batch-view.md's metric table lists METRICS in order, each with its direction
+    and meaning as the code has them (the view shows the same strings)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "batch-view.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    table = [line for line in rows if line.split("`")[1] in bm.METRICS]
+    assert [line.split("`")[1] for line in table] == list(bm.METRICS)
+    for line, spec in zip(table, bm.METRICS.values(), strict=True):
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        assert cells[1] == spec.direction
+        assert cells[2].replace("\\|", "|") == spec.meaning

@@ -415,4 +415,105 @@ def test_number_keys_on_a_batch_map_label_the_selection(batch_widget, qtbot):
     assert (table.obs["label"].astype(object).iloc[rows] == review.class_for_key(1)).all()
     qtbot.keyClick(w.left.canvas, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
     pd.testing.assert_series_equal(table.obs["label"].astype(object), before)
-    get_retrainer(w.viewer).wait_idle(qtbot)  # no retraining outlives the viewer
+    get_retrainer(w.viewer).wait_idle()  # no retraining outlives the viewer
+
+
+@pytest.fixture
+def popups(monkeypatch):
+    """Every error napari would show as a notification pop-up, recorded."""
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    monkeypatch.setattr(
+        notification_manager, "receive_error", lambda *args, **kwargs: seen.append(args)
+    )
+    return seen
+
+
+def _small_batch_table() -> CellTable:
+    """The fixture's 240 cells regrouped: a 221-cell lab, a 16-cell lab, a 3-cell lab."""
+    table = make_table()
+    batch = np.array(["big"] * 221 + ["lab16"] * 16 + ["lab3"] * 3, dtype=object)
+    table.set_column("batch", batch)
+    return table
+
+
+def test_small_batches_compute_and_preview_without_popups(
+    viewer_with_cells, qtbot, fast_umap, popups
+):
+    """A 3-cell and a 16-cell lab beside a big one (issue 14.1): the metrics and every
+    correction preview compute; the panel names the lab too small to hold out; napari
+    shows no error pop-up."""
+    viewer, session = viewer_with_cells
+    session.set_table(_small_batch_table())
+    w = BatchViewWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Batch view")
+    qtbot.waitUntil(lambda: not w.busy, timeout=20_000)
+    w.compute_metrics()
+    qtbot.waitUntil(lambda: w.report is not None and not w.busy, timeout=120_000)
+    assert w.report["batches"] == ["big", "lab16", "lab3"]
+    assert "lab3" in w.metrics_status.text()
+    assert "Not held out by the knn probe" in w.metrics_status.text()
+    for method in ("centre", "combat"):
+        w.set_correction(method)
+        qtbot.waitUntil(lambda m=method: w.preview(m) is not None and not w.busy, timeout=120_000)
+        assert w.preview(method).X.shape[0] == w.table.n_cells
+    assert popups == []
+    w.close()
+
+
+def test_every_worker_error_is_one_line_in_the_panel(batch_widget, qtbot, monkeypatch, popups):
+    """A failing metrics, preview or measuring worker shows one readable line in the
+    panel and never reaches napari's notifications (no pop-up, no re-raise)."""
+    w = batch_widget
+
+    def boom(*_args):
+        raise ValueError("the cells cannot be scored\nsecond line")
+
+    def crash(*_args):
+        raise RuntimeError("worker crashed")
+
+    monkeypatch.setattr(_batch, "analyse", boom)
+    monkeypatch.setattr(_batch, "correction_preview", crash)
+    monkeypatch.setattr(_batch, "measure_appearance", boom)
+    w.compute_metrics()
+    qtbot.waitUntil(lambda: not w.busy, timeout=20_000)
+    assert w.metrics_status.text() == "Could not compute the metrics: the cells cannot be scored"
+    w.set_correction("centre")
+    qtbot.waitUntil(lambda: not w.busy, timeout=20_000)
+    assert "preview failed: RuntimeError: worker crashed" in w.status.text()
+    w.compute_appearance(per_batch=5)
+    qtbot.waitUntil(lambda: not w.busy, timeout=20_000)
+    assert w.plots.status.text() == "Measuring failed: the cells cannot be scored"
+    assert w.compute_button.isEnabled()
+    assert popups == []
+
+
+def test_level_chooser_defaults_to_slides_for_one_folder_of_smears(
+    viewer_with_cells, qtbot, popups
+):
+    """One batch holding two smears (slides): the view compares slides by default, the
+    grid has a row per slide and the report compares them; choosing batches says there
+    is only one."""
+    viewer, session = viewer_with_cells
+    table = make_table()
+    table.set_column("slide", table.obs["source"].astype(object).to_numpy())
+    table.set_column("batch", np.full(table.n_cells, "one_lab", dtype=object))
+    session.set_table(table)
+    w = BatchViewWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Batch view")
+    qtbot.waitUntil(lambda: not w.busy, timeout=20_000)
+    assert w.level == "slide"
+    assert w.left.color_by == "slide"
+    assert w.grid.row_names == ["lab_a_smear", "lab_b_smear"]
+    w.compute_metrics()
+    qtbot.waitUntil(lambda: w.report is not None and not w.busy, timeout=120_000)
+    assert w.report["batches"] == ["lab_a_smear", "lab_b_smear"]
+    assert "slide groups" in w.metrics_status.text()
+    w.set_level("batch")
+    assert w.report is None
+    assert w.grid.row_names == ["one_lab"]
+    w.compute_metrics()
+    assert "Only one batch (one_lab)" in w.metrics_status.text()
+    assert popups == []
+    w.close()
