@@ -96,7 +96,8 @@ def sd(a: np.ndarray) -> str:
 def queue_experiment(
     X, truth, batch, *, seeds: int, k: int, kind: str, strategy: str = "uncertain"
 ) -> dict[str, list]:
-    from napari_hemofm.core.classify import LiveProbe, label_next
+    from napari_hemofm.core.probe import LiveProbe
+    from napari_hemofm.core.queues import label_next
 
     new = np.flatnonzero(batch == NEW_LAB)
     start = np.where(batch == OLD_LAB, truth, None).astype(object)
@@ -152,7 +153,7 @@ def queue_experiment(
 
 
 def suspect_experiment(X, truth, batch, *, seeds: int, k: int, kind: str) -> dict[int, list]:
-    from napari_hemofm.core.classify import suspect_labels
+    from napari_hemofm.core.queues import suspect_labels
 
     old = np.flatnonzero(batch == OLD_LAB)
     classes = np.unique(truth[old].astype(str))
@@ -225,7 +226,8 @@ def learning_curve(
     dict of str to ndarray of shape (seeds, len(steps))
         Balanced accuracy (higher is better) per arm, seed and step.
     """
-    from napari_hemofm.core.classify import LiveProbe, label_next
+    from napari_hemofm.core.probe import LiveProbe
+    from napari_hemofm.core.queues import label_next
 
     new = np.flatnonzero(batch == NEW_LAB)
     start = np.where(batch == OLD_LAB, truth, None).astype(object)

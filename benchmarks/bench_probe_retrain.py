@@ -60,7 +60,7 @@ def lasso(X: np.ndarray, centre: int, m: int = 50) -> np.ndarray:
 
 
 def run(kind: str, X: np.ndarray, truth: np.ndarray, labels: np.ndarray, reps: int, seed: int):
-    from napari_hemofm.core.classify import LiveProbe
+    from napari_hemofm.core.probe import LiveProbe
 
     rng = np.random.default_rng(seed + 1)
     names = np.array(sorted(set(truth.tolist())), dtype=object)

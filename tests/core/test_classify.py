@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from napari_hemofm.core.classify import evaluate_probe, linear_probe_c, make_probe
+from napari_hemofm.core.evaluation import evaluate_probe, make_probe
+from napari_hemofm.core.probe import linear_probe_c
 
 
 def blobs(n_per_class=30, n_classes=3, dim=16, spread=0.3, seed=0):
@@ -110,7 +111,7 @@ def test_live_knn_probe_matches_scikit_learn_oracle():
     unlabelled cells from all labelled cells, on labelled cells leave-one-out."""
     from sklearn.neighbors import KNeighborsClassifier
 
-    from napari_hemofm.core.classify import LiveProbe
+    from napari_hemofm.core.probe import LiveProbe
 
     X, y = blobs(n_per_class=60, n_classes=3, spread=2.5, seed=4)
     labels = y.copy()

@@ -5,14 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from napari_hemofm.core.classify import (
-    PROBE_FORMAT,
-    LiveProbe,
-    ProbeUpdate,
-    label_next,
-    probe_metrics,
-    suspect_labels,
-)
+from napari_hemofm.core.evaluation import probe_metrics
+from napari_hemofm.core.probe import PROBE_FORMAT, LiveProbe, ProbeUpdate
+from napari_hemofm.core.queues import label_next, suspect_labels
 
 NAMES = np.array(["blast", "eosinophil", "lymphocyte", "monocyte", "neutrophil"], dtype=object)
 
@@ -477,3 +472,35 @@ def test_label_next_without_predictions_is_pure_diversity():
     assert set(truth[rows].tolist()) == set(NAMES[:4].tolist())
     np.testing.assert_array_equal(label_next(None, X, labels, 8, seed=1), rows)  # no probe
     assert len(label_next(LiveProbe(), X, truth, 5)) == 0  # nothing unlabelled
+
+
+@pytest.mark.parametrize("kind", ["knn", "linear"])
+def test_sklearn_style_predict_and_predict_proba(kind):
+    """``predict_proba`` columns follow ``classes_``, rows sum to 1, ``predict`` is their
+    argmax; kNN matches scikit-learn's KNeighborsClassifier on new cells; a NaN row
+    gets NaN / None; an unfitted probe says so."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, truth = blobs(n=300, seed=4)
+    labels = np.where(np.arange(len(X)) % 3 == 0, truth, None).astype(object)
+    probe = LiveProbe(kind, k=5)
+    with pytest.raises(ValueError, match="fit it first"):
+        probe.predict_proba(X[:3])
+    probe.fit(X, labels)
+    assert probe.classes_ == sorted(set(truth[labels != None]))  # noqa: E711
+    Xq, _ = blobs(n=60, seed=5)
+    Xq[0] = np.nan
+    proba = probe.predict_proba(Xq)
+    pred = probe.predict(Xq)
+    assert proba.shape == (60, len(probe.classes_))
+    assert np.isnan(proba[0]).all()
+    assert pred[0] is None
+    np.testing.assert_allclose(proba[1:].sum(axis=1), 1.0, rtol=1e-5)
+    names = np.array(probe.classes_, dtype=object)
+    assert (pred[1:] == names[np.argmax(proba[1:], axis=1)]).all()
+    np.testing.assert_array_equal(pred, probe.apply(Xq)[0])
+    if kind == "knn":
+        lab = labels != None  # noqa: E711
+        ref = KNeighborsClassifier(n_neighbors=5).fit(X[lab], labels[lab].astype(str))
+        np.testing.assert_allclose(proba[1:], ref.predict_proba(Xq[1:]), atol=1e-6)
+        assert (pred[1:] == ref.predict(Xq[1:])).all()
