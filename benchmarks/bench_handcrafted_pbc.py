@@ -117,13 +117,14 @@ def cross_lab(
 
 
 GROUPS = {
-    "size": lambda n: "diameter" in n,
+    "size (red-cell units)": lambda n: n.endswith("_rbc") and "diameter" in n,
     "N/C ratio + nucleus shape": lambda n: (
         n.startswith(("nucleus_cell", "nucleus_sol"))
         or n in ("nucleus_circularity", "nucleus_thickness", "nucleus_lobes")
     ),
-    "OD quantiles": lambda n: "_od_" in n and not n.endswith("_std"),
-    "cytoplasm hue (mean)": lambda n: n.startswith("cytoplasm_chroma_") and "hist" not in n,
+    "OD in red-cell units": lambda n: "_od_rbc_" in n,
+    "OD relative to the nucleus": lambda n: "_relod_" in n,
+    "cytoplasm hue (mean)": lambda n: "logchroma" in n,
     "cytoplasm hue histogram": lambda n: "chroma_hist" in n,
     "texture (DoG, GLCM)": lambda n: "_dog_" in n or "glcm" in n,
 }

@@ -192,6 +192,7 @@ def appearance_stats(
     *,
     area_scale: float | Sequence[float] = 1.0,
     pixel_size_um: float | None = None,
+    normalise: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Stain and size statistics of many crops, one row each.
 
@@ -205,6 +206,10 @@ def appearance_stats(
         :func:`crop_appearance`).
     pixel_size_um : float, optional
         Side of a source pixel in um.
+    normalise : callable, optional
+        Stain normalisation applied to each crop first
+        (:func:`napari_hemofm.core.stain.build_normaliser`): the statistics *after*
+        normalisation, for a before / after comparison.
 
     Returns
     -------
@@ -226,10 +231,21 @@ def appearance_stats(
     if len(scales) != len(arrays):
         raise ValueError(f"got {len(scales)} area scales for {len(arrays)} crops")
     rows = [
-        crop_appearance(crop, area_scale=s, pixel_size_um=pixel_size_um)
+        crop_appearance(_normalised(crop, normalise), area_scale=s, pixel_size_um=pixel_size_um)
         for crop, s in zip(arrays, scales.tolist(), strict=True)
     ]
     return _frame(rows, index)
+
+
+def _normalised(
+    crop: np.ndarray, normalise: Callable[[np.ndarray], np.ndarray] | None
+) -> np.ndarray:
+    """The crop after stain normalisation (as 8-bit RGB), or as it is."""
+    if normalise is None:
+        return crop
+    from napari_hemofm.core.io import to_rgb8
+
+    return normalise(to_rgb8(np.asarray(crop)))
 
 
 def _frame(rows: list[dict[str, Any]], index: pd.Index) -> pd.DataFrame:
@@ -283,6 +299,7 @@ def table_appearance(
     pixel_size_um: float | None = None,
     cancel: Callable[[], bool] | None = None,
     chunk: int = 32,
+    normalise: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Stain and size statistics of the cells of a table.
 
@@ -311,6 +328,11 @@ def table_appearance(
         returned (the rest are left out).
     chunk : int
         Cells per progress step.
+    normalise : callable, optional
+        Stain normalisation applied to each crop before it is measured (the Batch
+        view's "after" plots): :func:`napari_hemofm.core.stain.build_normaliser` of the
+        project's setting. Crops are normalised one by one, whereas embedding
+        normalises each source image whole; for single-cell crops that is the same.
 
     Returns
     -------
@@ -350,7 +372,9 @@ def table_appearance(
                 continue
             h, w = np.shape(crop)[:2]
             scale = box_area[i] / float(h * w) if h * w else 1.0
-            results[ids[i]] = crop_appearance(crop, area_scale=scale, pixel_size_um=pixel_size_um)
+            results[ids[i]] = crop_appearance(
+                _normalised(crop, normalise), area_scale=scale, pixel_size_um=pixel_size_um
+            )
         if progress is not None:
             progress(min(start + step, total), total)
     done = [c for c in ids if c in results]

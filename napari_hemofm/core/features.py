@@ -5,9 +5,17 @@ A crop is resized to :data:`INPUT_SIZE` px (texture is read there) and pooled to
 that side for everything else; it is converted to optical density (Beer-Lambert, with
 the crop's own glass as the white point) and its central white cell is segmented into
 nucleus and cytoplasm (:func:`segment_cell`). The vector (:data:`FEATURE_NAMES`)
-describes size and nucleus shape, the stain colour of nucleus, cytoplasm and cell,
-and the texture of chromatin and granules; ``docs/handcrafted.md`` explains each group
-and its measured accuracy.
+describes size and nucleus shape, the stain colour of nucleus and cytoplasm, and the
+texture of chromatin and granules; ``docs/handcrafted.md`` explains each group and its
+measured accuracy, in one lab and across labs.
+
+Version 2 measures nothing in pixels, crop fractions or absolute optical density, so
+that another lab's stain, lamp, magnification and crop framing move it little: sizes
+are in red-cell diameters (:func:`red_cells`), colours are OD relative to the nucleus'
+OD per channel (:func:`stain_reference`; a per-channel stain strength cancels), the
+nucleus is measured against the red cells, and texture is read at scales that are
+fractions of the cell's radius. Thresholds (nucleus, glass) are Otsu levels of each
+crop (a fixed floor only keeps a blank crop from reading noise as stain).
 
 Nothing here is fitted to data: every scale is a fixed constant from the feature's
 natural range, so a plain Euclidean kNN on the raw vectors is meaningful and a crop's
@@ -40,7 +48,7 @@ INPUT_SIZE: int = 256
 #: Side of the pooled image used for segmentation, shape and colour.
 WORK_SIZE: int = INPUT_SIZE // 2
 #: Bumped whenever the vector changes meaning (saved with the embeddings).
-FEATURE_VERSION: int = 1
+FEATURE_VERSION: int = 2
 
 # ---------------------------------------------------------------- fixed constants
 # Lengths are px of the WORK_SIZE image; OD is optical density (natural log).
@@ -58,50 +66,67 @@ _EDGE_OD_CLIP = 0.4  # OD per channel, about the cytoplasm's: nucleus rims are n
 _LOBE_DEPTH = 0.4  # a lobe's core is deeper than this x the nucleus' equivalent radius
 _MAX_LOBES = 4
 _QUANTILES = (0.1, 0.5, 0.9)
+_MIN_CELL_RADIUS = 4.0  # px of WORK_SIZE
+_MIN_RBC_PX = 20  # stained blobs smaller than this are no red cell (platelets, dirt)
+_TYPICAL_CELL_RBC = 1.6  # white / red cell diameter assumed when no red cell is seen
+_MAX_CELL_RBC = 4.0
+# nucleus / red cell OD per channel assumed when no red cell is seen (PBC's median)
+_TYPICAL_NUC_RBC = (4.4, 4.8, 1.9)
+_MIN_REF_PX = 16  # the nucleus must have this many px to be the colour reference
+_MIN_REF_OD = 0.05  # no reference OD below this (a blank crop)
 _CHROMA_BINS = 5
-_CHROMA_RANGE = (0.0, 0.6)  # share of the OD in one channel
+_CHROMA_RANGE = (-1.5, 1.5)  # ln(OD_r / OD_g), ln(OD_b / OD_g) relative to the nucleus'
 _DENSITY_BINS = 8
-_DENSITY_RANGE = (0.0, 4.0)  # summed OD
-# Difference-of-Gaussian bands between these sigmas (WORK_SIZE px): granules,
-# chromatin, clumps and lobe gaps, lobes. The two finest are read at INPUT_SIZE.
-_DOG_SIGMAS = (0.0, 0.5, 1.0, 2.0, 4.0)
+_DENSITY_RANGE = (0.0, 2.0)  # mean OD per channel relative to the nucleus' median
+# Band edges of the texture, as fractions of the cell's equivalent radius (0 = the
+# image itself): granules, chromatin grain, clumps and lobe gaps, lobes.
+_DOG_FRACTIONS = (0.0, 1 / 24, 1 / 12, 1 / 6, 1 / 3)
+_DOG_NAMES = ("0", "r/24", "r/12", "r/6", "r/3")
 _GLCM_LEVELS = 16
+_GLCM_MAX = 2.0  # summed OD relative to the nucleus' mapped onto the top grey level
+_GLCM_DISTANCE = 1 / 32  # co-occurrence step as a fraction of the cell radius
 _GLCM_PROPS = ("contrast", "homogeneity", "energy", "correlation")
 
-# Group weights. Values are in natural units (fractions, OD, square roots of
-# normalised histograms); these factors give the groups comparable spread in a
-# Euclidean distance. Size, texture and nucleus OD were then set on powers of two by
-# 5-fold cross-validation on pbc_dev (docs/handcrafted.md, "Scaling").
-_W_SIZE = 8.0  # diameter as a fraction of the crop side: 0.1 is a big difference
-_W_NUCLEUS_OD = 0.5  # nucleus OD quantiles: large but partly redundant with the cell's
-_W_OD_SPREAD = 2.0  # OD standard deviations are about half the OD levels
-_W_CHROMA = 10.0  # stain hue: the channels' OD shares differ by a few hundredths
-_W_TEXTURE = 4.0  # band energies are ~0.05-0.3 OD
+# Group weights. Values are in natural units (fractions, OD relative to the nucleus',
+# log ratios, square roots of normalised histograms); these factors give the groups
+# comparable spread in a Euclidean distance (docs/handcrafted.md, "Scaling").
+_W_SIZE = 1.0  # white / red cell diameter: ~0.3 (platelet) to ~2.5 (monocyte)
+_W_SHAPE = 2.0  # fractions in [0, 1]
+_W_NUCLEUS_RBC = 1.0  # ln(OD / red cell OD): ~-1 to 2
+_W_NUCLEUS_OD = 4.0  # nucleus OD quantiles relative to its median: ~0.5-1.5
+_W_OD = 0.5  # cytoplasm OD relative to the nucleus': ~0.1-0.6
+_W_OD_SPREAD = 4.0  # cytoplasm OD spread (granularity), relative: ~0.05-0.3
+_W_DENSITY = 2.0  # how much of the cell is pale, mid or as dark as the nucleus
+_W_CHROMA = 2.0  # log hue ratios differ by a few tenths between stains
+_W_CHROMA_HIST = 2.0  # the mixture of hues in the cytoplasm (granules on a base)
+_W_TEXTURE = 16.0  # band energies relative to the nucleus' OD: ~0.02-0.2
 _W_GLCM = 2.0
 
 
 def _names() -> tuple[str, ...]:
     names = [
-        "cell_diameter",
-        "nucleus_diameter",
+        "cell_diameter_rbc",
+        "nucleus_diameter_rbc",
         "nucleus_cell_area_ratio",
         "nucleus_solidity",
         "nucleus_circularity",
         "nucleus_thickness",
         "nucleus_lobes",
     ]
-    for region in ("nucleus", "cytoplasm", "cell"):
-        names += [f"{region}_od_{c}_q{round(q * 100)}" for q in _QUANTILES for c in "rgb"]
-    names += [f"cytoplasm_od_{c}_std" for c in "rgb"]
-    names += [f"cytoplasm_chroma_{c}" for c in "rgb"]
+    names += [f"nucleus_od_rbc_log_{c}" for c in "rgb"]
+    names += [f"cytoplasm_od_rbc_log_{c}" for c in "rgb"]
+    names += [f"nucleus_relod_{c}_q{q}" for q in (10, 90) for c in "rgb"]
+    names += [f"cytoplasm_relod_{c}_q{round(q * 100)}" for q in _QUANTILES for c in "rgb"]
+    names += [f"cytoplasm_relod_{c}_std" for c in "rgb"]
+    names += ["cytoplasm_logchroma_rg", "cytoplasm_logchroma_bg"]
     names += [
         f"cytoplasm_chroma_hist_r{i}_b{j}"
         for i in range(_CHROMA_BINS)
         for j in range(_CHROMA_BINS)
     ]
     names += [f"cell_density_hist_{i}" for i in range(_DENSITY_BINS)]
-    for lo, hi in pairwise(_DOG_SIGMAS):
-        names += [f"nucleus_dog_{lo:g}-{hi:g}px", f"cytoplasm_dog_{lo:g}-{hi:g}px"]
+    for lo, hi in pairwise(_DOG_NAMES):
+        names += [f"nucleus_dog_{lo}-{hi}", f"cytoplasm_dog_{lo}-{hi}"]
     names += [f"nucleus_glcm_{p}" for p in _GLCM_PROPS]
     return tuple(names)
 
@@ -289,16 +314,71 @@ def segment_cell(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------- the features
-def _shape_features(nucleus: np.ndarray, cell: np.ndarray, hull: np.ndarray) -> np.ndarray:
-    """Size (fractions of the crop side), N/C ratio and nucleus shape: 7 values."""
+def _cell_radius(cell: np.ndarray) -> float:
+    """Equivalent radius of the cell mask in px (at least 4: a blank crop has none)."""
+    return max(float(np.sqrt(cell.sum() / np.pi)), _MIN_CELL_RADIUS)
+
+
+def red_cells(od: np.ndarray, cell: np.ndarray) -> tuple[float | None, np.ndarray | None]:
+    """Typical radius and colour of the red cells around the white cell: the crop's rulers.
+
+    Parameters
+    ----------
+    od : ndarray of shape (H, W, 3)
+        Optical density of the crop.
+    cell : ndarray of shape (H, W), bool
+        The white cell (excluded, with a 2 px margin).
+
+    Returns
+    -------
+    radius : float or None
+        The 75th percentile, over the stained blobs outside the cell of at least 20 px,
+        of each blob's largest inscribed radius (pallor holes filled; the crop edge
+        counts as a boundary, so cut red cells count smaller); None when there are none.
+    od : ndarray of shape (3,) or None
+        Median OD of those blobs per channel (the lab's eosin on haemoglobin).
+
+    Notes
+    -----
+    A red cell is about 7.5 um across in every lab, so a white cell's size divided by
+    it is a size in red-cell units: free of the magnification, the camera and the crop
+    framing. Overlapping red cells make a blob wider than one cell but not much
+    thicker, which the inscribed radius ignores; the upper quartile favours the whole
+    red cells over those the crop edge cuts. Their colour is the same kind of ruler for
+    stain: every lab's red cells take the same eosin.
+    """
+    density = _sum3(ndi.gaussian_filter(od, (_SMOOTH_SIGMA, _SMOOTH_SIGMA, 0)))
+    stained = density > _glass_threshold(density)
+    others = stained & ~ndi.binary_dilation(cell, iterations=2)
+    others = ndi.binary_opening(_fill_holes(others))
+    lab, n = ndi.label(others)
+    if n == 0:
+        return None, None
+    depth = ndi.distance_transform_edt(np.pad(others, 1))[1:-1, 1:-1]
+    ids = np.arange(1, n + 1)
+    big = ids[np.asarray(ndi.sum(others, lab, ids)) >= _MIN_RBC_PX]
+    if len(big) == 0:
+        return None, None
+    radii = np.asarray(ndi.maximum(depth, lab, big))
+    colour = np.maximum(np.median(od[np.isin(lab, big)], axis=0), _MIN_REF_OD)
+    return float(np.percentile(radii, 75)), colour
+
+
+def _shape_features(
+    nucleus: np.ndarray, cell: np.ndarray, hull: np.ndarray, rbc_radius: float | None
+) -> np.ndarray:
+    """Sizes in red-cell units, N/C area ratio and nucleus shape: 7 values, free of px."""
     from skimage.measure import perimeter
 
-    side2 = float(nucleus.size)
     n_area, c_area = float(nucleus.sum()), float(cell.sum())
     out = np.zeros(7)
-    out[0] = _W_SIZE * np.sqrt(c_area / side2)
-    out[1] = _W_SIZE * np.sqrt(n_area / side2)
-    out[2] = n_area / c_area if c_area else 0.0
+    if rbc_radius is None:  # no red cell to measure by: a typical white cell
+        cell_units = _TYPICAL_CELL_RBC
+    else:
+        cell_units = min(np.sqrt(c_area / np.pi) / max(rbc_radius, 1.0), _MAX_CELL_RBC)
+    out[0] = _W_SIZE * cell_units
+    out[1] = _W_SIZE * cell_units * np.sqrt(n_area / c_area if c_area else 0.0)
+    out[2] = _W_SHAPE * (n_area / c_area if c_area else 0.0)
     if n_area >= 4:
         radius = np.sqrt(n_area / np.pi)
         depth = ndi.distance_transform_edt(nucleus)
@@ -307,14 +387,15 @@ def _shape_features(nucleus: np.ndarray, cell: np.ndarray, hull: np.ndarray) -> 
         out[4] = min(1.0, 4 * np.pi * n_area / max(perimeter(nucleus), 1.0) ** 2)
         out[5] = float(depth.max()) / radius  # 1 for a disc, low for a thin band
         out[6] = min(lobes, _MAX_LOBES) / _MAX_LOBES
+        out[3:] *= _W_SHAPE
     return out
 
 
-def _quantiles(values: np.ndarray) -> np.ndarray:
-    """Quantiles of each OD channel, ``(3 * len(_QUANTILES),)``, quantile-major."""
+def _quantiles(values: np.ndarray, qs: tuple[float, ...] = _QUANTILES) -> np.ndarray:
+    """Quantiles of each channel, ``(3 * len(qs),)``, quantile-major."""
     if len(values) < 3:
-        return np.zeros(3 * len(_QUANTILES))
-    return np.quantile(values, _QUANTILES, axis=0).ravel()
+        return np.zeros(3 * len(qs))
+    return np.quantile(values, qs, axis=0).ravel()
 
 
 def _sqrt_hist(hist: np.ndarray) -> np.ndarray:
@@ -324,32 +405,83 @@ def _sqrt_hist(hist: np.ndarray) -> np.ndarray:
     return np.sqrt(hist / total) if total > 0 else hist
 
 
-def _colour_features(od: np.ndarray, nucleus: np.ndarray, cell: np.ndarray) -> np.ndarray:
-    """OD quantiles of nucleus, cytoplasm, cell; cytoplasm spread and hue; histograms: 66."""
-    cyto_od = od[cell & ~nucleus]
-    parts = [
-        _W_NUCLEUS_OD * _quantiles(od[nucleus]),
-        _quantiles(cyto_od),
-        _quantiles(od[cell]),
-    ]
-    if len(cyto_od) >= 3:
-        mean = cyto_od.mean(axis=0)
-        total = np.maximum(_sum3(cyto_od), 1e-3)
-        hist, _, _ = np.histogram2d(
-            cyto_od[:, 0] / total,
-            cyto_od[:, 2] / total,
-            bins=_CHROMA_BINS,
-            range=[_CHROMA_RANGE, _CHROMA_RANGE],
+def stain_reference(od: np.ndarray, nucleus: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """Per-channel OD that the crop's colours are measured against: the nucleus' median.
+
+    Parameters
+    ----------
+    od : ndarray of shape (H, W, 3)
+        Optical density of the crop.
+    nucleus, cell : ndarray of shape (H, W), bool
+        Masks from the segmentation.
+
+    Returns
+    -------
+    ndarray of shape (3,), float
+        The nucleus' median OD per channel; the cell's (or every pixel's) when the
+        nucleus has fewer than 16 px; at least 0.05.
+
+    Notes
+    -----
+    A stain that is weaker, stronger or of another hue scales each channel's OD by
+    its own factor (to first order: Beer-Lambert with the same dyes in other amounts
+    and a different light); dividing by a reference region's per-channel OD cancels
+    that factor. The nucleus is in every white cell and takes the azure in every lab.
+    Its own darkness is kept apart, in red-cell units (:func:`red_cells`): dividing
+    everything by the red cells' OD instead was measured noisier (red cells overlap
+    and vary in thickness), 0.85 against 0.89 on pbc_dev.
+    """
+    for region in (nucleus, cell):
+        if region.sum() >= _MIN_REF_PX:
+            return np.maximum(np.median(od[region], axis=0), _MIN_REF_OD)
+    return np.maximum(np.median(od.reshape(-1, 3), axis=0), _MIN_REF_OD)
+
+
+def _log_chroma(rel: np.ndarray) -> np.ndarray:
+    """``(ln(r / g), ln(b / g))`` of relative OD ``(n, 3)``: hue free of amount."""
+    safe = np.maximum(rel, _MIN_REF_OD)
+    return np.log(safe[:, [0, 2]] / safe[:, [1]])
+
+
+def _colour_features(
+    od: np.ndarray, nucleus: np.ndarray, cell: np.ndarray, rbc_od: np.ndarray | None
+) -> np.ndarray:
+    """Colours relative to the nucleus' and the red cells' OD: 59 values."""
+    ref = stain_reference(od, nucleus, cell)
+    rel = od / ref
+    cyto = rel[cell & ~nucleus]
+    # nucleus and cytoplasm in red-cell units: how dark the azure is against the eosin
+    if rbc_od is not None:
+        nuc_rbc = np.log(ref / rbc_od)
+        cyto_od = od[cell & ~nucleus]
+        cyto_rbc = (
+            np.log(np.maximum(np.median(cyto_od, axis=0), _MIN_REF_OD) / rbc_od)
+            if len(cyto_od) >= 3
+            else np.zeros(3)
         )
+    else:
+        nuc_rbc, cyto_rbc = np.log(np.asarray(_TYPICAL_NUC_RBC)), np.zeros(3)
+    parts = [
+        _W_NUCLEUS_RBC * nuc_rbc,
+        _W_NUCLEUS_RBC * cyto_rbc,
+        _W_NUCLEUS_OD * _quantiles(rel[nucleus], (0.1, 0.9)),
+        _W_OD * _quantiles(cyto),
+    ]
+    if len(cyto) >= 3:
+        chroma = _log_chroma(cyto)
+        hist, _, _ = np.histogram2d(
+            chroma[:, 0], chroma[:, 1], bins=_CHROMA_BINS, range=[_CHROMA_RANGE, _CHROMA_RANGE]
+        )
+        mean = cyto.mean(axis=0, keepdims=True)
         parts += [
-            _W_OD_SPREAD * cyto_od.std(axis=0),
-            _W_CHROMA * mean / max(float(mean.sum()), 1e-3),
-            _sqrt_hist(hist),
+            _W_OD_SPREAD * cyto.std(axis=0),
+            _W_CHROMA * _log_chroma(mean)[0],
+            _W_CHROMA_HIST * _sqrt_hist(hist),
         ]
     else:
-        parts.append(np.zeros(6 + _CHROMA_BINS**2))
-    hist, _ = np.histogram(_sum3(od[cell]), bins=_DENSITY_BINS, range=_DENSITY_RANGE)
-    parts.append(_sqrt_hist(hist))
+        parts.append(np.zeros(5 + _CHROMA_BINS**2))
+    hist, _ = np.histogram(_sum3(rel[cell]) / 3.0, bins=_DENSITY_BINS, range=_DENSITY_RANGE)
+    parts.append(_W_DENSITY * _sqrt_hist(hist))
     return np.concatenate(parts)
 
 
@@ -362,33 +494,33 @@ def _band_rms(bands: list[np.ndarray], regions: tuple[np.ndarray, ...]) -> list[
 
 
 def _texture_features(
-    od_hi: np.ndarray, od_lo: np.ndarray, nucleus: np.ndarray, cell: np.ndarray
+    od_hi: np.ndarray, nucleus: np.ndarray, cell: np.ndarray, ref: np.ndarray
 ) -> np.ndarray:
-    """Difference-of-Gaussian band energies of nucleus and cytoplasm; nucleus GLCM: 12."""
+    """Band energies of nucleus and cytoplasm at scales relative to the cell; GLCM: 12."""
     from skimage.feature import graycomatrix, graycoprops
 
     nucleus_hi = nucleus.repeat(2, axis=0).repeat(2, axis=1)
     cyto_hi = (cell & ~nucleus).repeat(2, axis=0).repeat(2, axis=1)
-    cyto = cell & ~nucleus
-    # The fine bands (granules, chromatin grain) need the full INPUT_SIZE; the coarse
-    # ones (clumps, lobe gaps) are the same at WORK_SIZE and 4x cheaper there.
-    s = _DOG_SIGMAS
-    hi = _sum3(od_hi)
-    g1 = ndi.gaussian_filter(hi, 2 * s[1], truncate=3.0)
-    g2 = ndi.gaussian_filter(hi, 2 * s[2], truncate=3.0)
-    lo = _sum3(od_lo)
-    l2, l3, l4 = (ndi.gaussian_filter(lo, sg, truncate=3.0) for sg in s[2:])
-    out = _band_rms([hi - g1, g1 - g2], (nucleus_hi, cyto_hi))
-    out += _band_rms([l2 - l3, l3 - l4], (nucleus, cyto))
-    out = [_W_TEXTURE * v for v in out]
+    # Summed OD relative to the nucleus' (1 = as dark as the median nucleus pixel), read
+    # at INPUT_SIZE where the cell's radius is 2x its WORK_SIZE radius.
+    hi = _sum3(od_hi) / float(ref.sum())
+    radius_hi = 2.0 * _cell_radius(cell)
+    blurred = [hi] + [
+        ndi.gaussian_filter(hi, f * radius_hi, truncate=3.0) for f in _DOG_FRACTIONS[1:]
+    ]
+    bands = [a - b for a, b in pairwise(blurred)]
+    out = [_W_TEXTURE * v for v in _band_rms(bands, (nucleus_hi, cyto_hi))]
     if nucleus.sum() < 4:
         return np.asarray([*out, 0.0, 0.0, 0.0, 0.0])
-    # Grey-level co-occurrence inside the nucleus: level 0 marks outside and is dropped.
-    levels = np.clip(hi / 4.0 * (_GLCM_LEVELS - 1), 0, _GLCM_LEVELS - 1).astype(np.uint8)
+    # Grey-level co-occurrence inside the nucleus at distances relative to the cell;
+    # level 0 marks outside and is dropped.
+    fine = ndi.gaussian_filter(hi, _DOG_FRACTIONS[1] * radius_hi, truncate=3.0)
+    levels = np.clip(fine / _GLCM_MAX * (_GLCM_LEVELS - 1), 0, _GLCM_LEVELS - 1).astype(np.uint8)
     image = np.where(nucleus_hi, levels + 1, 0).astype(np.uint8)
+    step = max(1, round(_GLCM_DISTANCE * radius_hi))
     glcm = graycomatrix(
         image,
-        distances=[1, 2],
+        distances=[step, 2 * step],
         angles=[0, np.pi / 4, np.pi / 2, 3 * np.pi / 4],
         levels=_GLCM_LEVELS + 1,
         symmetric=True,
@@ -401,7 +533,7 @@ def _texture_features(
 
 
 def handcrafted_features(crop: np.ndarray) -> np.ndarray:
-    """Describe one white-cell crop by fixed-scale colour, texture and shape features.
+    """Describe one white-cell crop by lab-independent colour, texture and shape features.
 
     Parameters
     ----------
@@ -411,7 +543,7 @@ def handcrafted_features(crop: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    ndarray of shape (85,), float32
+    ndarray of shape (78,), float32
         Finite feature vector; dimension ``i`` is ``FEATURE_NAMES[i]``.
 
     Raises
@@ -421,21 +553,26 @@ def handcrafted_features(crop: np.ndarray) -> np.ndarray:
 
     Notes
     -----
-    The crop is squash-resized to ``INPUT_SIZE`` px, so lengths are fractions of the
-    crop side. Groups (``docs/handcrafted.md``): size and nucleus shape (7); optical
-    density quantiles of nucleus, cytoplasm and cell (27); cytoplasm OD spread and
-    stain hue, each channel's share of the OD (6); cytoplasm hue histogram (25) and
-    cell density histogram (8), square-rooted; difference-of-Gaussian band energy of
-    nucleus and cytoplasm at 4 scales (8); nucleus grey-level co-occurrence (4).
-    A pure function of the crop: no statistic of any data set enters it.
+    The crop is squash-resized to ``INPUT_SIZE`` px. Groups (``docs/handcrafted.md``):
+    cell and nucleus diameter in red-cell diameters (2); N/C ratio and nucleus shape
+    (5); ln of nucleus and cytoplasm OD over the red cells' (6); OD quantiles of the
+    nucleus and the cytoplasm and the cytoplasm's spread, relative to the nucleus'
+    median OD (18); cytoplasm hue as log OD ratios (2) and their histogram (25); cell
+    density histogram (8); difference-of-Gaussian band energy of nucleus and cytoplasm
+    between r/24 and r/3 of the cell radius (8); nucleus grey-level co-occurrence at
+    distances relative to the cell (4). A pure function of the crop: no statistic of any
+    data set enters it (PBC's median nucleus / red cell OD ratio stands in only for a
+    crop without red cells).
     """
     od_hi, od_lo = _densities(crop)
     nucleus, cell, hull = _segment(od_lo)
+    rbc_radius, rbc_od = red_cells(od_lo, cell)
+    ref = stain_reference(od_lo, nucleus, cell)
     vec = np.concatenate(
         [
-            _shape_features(nucleus, cell, hull),
-            _colour_features(od_lo, nucleus, cell),
-            _texture_features(od_hi, od_lo, nucleus, cell),
+            _shape_features(nucleus, cell, hull, rbc_radius),
+            _colour_features(od_lo, nucleus, cell, rbc_od),
+            _texture_features(od_hi, nucleus, cell, ref),
         ]
     ).astype(np.float32)
     return np.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)

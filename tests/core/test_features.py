@@ -158,7 +158,8 @@ def test_blank_crop_has_no_cell():
     assert not nucleus.any()
     assert not cell.any()
     vec = handcrafted_features(ODD["blank white"])
-    assert vec[FEATURE_NAMES.index("cell_diameter")] == 0
+    assert vec[FEATURE_NAMES.index("nucleus_cell_area_ratio")] == 0
+    assert vec[FEATURE_NAMES.index("nucleus_lobes")] == 0
 
 
 def test_empty_crop_is_refused():
@@ -222,20 +223,67 @@ def test_lobed_nucleus_reads_as_lobed():
     assert feature(lobed, "nucleus_thickness") < feature(round_, "nucleus_thickness") - 0.2
 
 
-def test_sizes_are_fractions_of_the_crop():
-    """A bigger cell in the same crop has a larger diameter and a smaller N/C ratio;
-    the same crop at twice the pixel size gives nearly the same shape and colour
-    features (fine texture does change: upsampling smooths the grain)."""
+def test_sizes_are_in_red_cell_units():
+    """A bigger cell among the same red cells reads bigger, with a smaller N/C ratio; the
+    same crop at twice the pixel size gives nearly the same shape and colour, and framed
+    with more glass around it the same sizes: red-cell diameters, not pixels or crop
+    fractions."""
     small = handcrafted_features(draw_cell(0, cell_r=32)[0])
     big = handcrafted_features(draw_cell(0, cell_r=42)[0])
-    # 8 * sqrt(pi) * (42 - 32) / 200 = 0.71 apart
-    assert feature(big, "cell_diameter") > feature(small, "cell_diameter") + 0.5
+    # red cells of radius 20: (42 - 32) / 20 = 0.5 red-cell radii apart
+    assert feature(big, "cell_diameter_rbc") > feature(small, "cell_diameter_rbc") + 0.3
     assert feature(big, "nucleus_cell_area_ratio") < feature(small, "nucleus_cell_area_ratio")
     crop = draw_cell(0)[0]
+    a = handcrafted_features(crop)
     double = np.asarray(Image.fromarray(crop).resize((400, 400), Image.Resampling.BILINEAR))
-    a, b = handcrafted_features(crop), handcrafted_features(double)
+    framed = np.pad(crop, ((60, 60), (60, 60), (0, 0)), mode="constant")
+    framed[:60] = framed[-60:] = GLASS
+    framed[:, :60] = framed[:, -60:] = GLASS
+    # texture is left out: resampling a drawn cell's pixel noise changes its grain
     keep = [i for i, n in enumerate(FEATURE_NAMES) if "dog" not in n and "glcm" not in n]
-    assert np.linalg.norm((a - b)[keep]) < 0.1 * np.linalg.norm((small - big)[keep])
+    spread = np.linalg.norm((small - big)[keep])
+    b = handcrafted_features(double)
+    assert np.linalg.norm((a - b)[keep]) < 0.5 * spread
+    for other in (double, framed):
+        b = handcrafted_features(other)
+        for name in ("cell_diameter_rbc", "nucleus_diameter_rbc", "nucleus_cell_area_ratio"):
+            assert abs(feature(a, name) - feature(b, name)) < 0.15, name
+
+
+def _colour_groups() -> list[int]:
+    return [
+        i
+        for i, n in enumerate(FEATURE_NAMES)
+        if "relod" in n or "chroma" in n or "od_rbc" in n or "density" in n
+    ]
+
+
+def test_another_stain_strength_or_lamp_barely_moves_the_colour_features():
+    """Per-channel stain strength (OD x (0.75, 1, 1.35), another stain batch) and a yellow
+    lamp (intensity x (1, 0.93, 0.72)) cancel in OD relative to the glass and the
+    nucleus: the colour features move less than a third of the way to another cell."""
+    crop = draw_cell(0)[0]
+    lobed = draw_cell(0, lobes=3)[0]
+    tinted = np.clip(255 * (crop / 255.0) ** np.array([0.75, 1.0, 1.35]), 0, 255)
+    yellow = np.clip(crop * np.array([1.0, 0.93, 0.72]), 0, 255)
+    cols = _colour_groups()
+    a = handcrafted_features(crop)
+    between = np.linalg.norm((a - handcrafted_features(lobed))[cols])
+    for other in (tinted, yellow):
+        b = handcrafted_features(np.rint(other).astype(np.uint8))
+        assert np.linalg.norm((a - b)[cols]) < between / 3
+
+
+def test_fixed_pixel_thresholds_are_not_needed_for_a_pale_stain():
+    """A much paler stain (all OD halved): the nucleus is still found by its own
+    threshold, with nearly the same N/C ratio."""
+    crop, nucleus, _ = draw_cell(1)
+    pale = np.rint(255 * (crop / 255.0) ** 0.5).astype(np.uint8)
+    found, _ = segment_cell(pale)
+    assert iou(found, nucleus) >= 0.8
+    a, b = handcrafted_features(crop), handcrafted_features(pale)
+    ratio = "nucleus_cell_area_ratio"
+    assert abs(feature(a, ratio) - feature(b, ratio)) < 0.1
 
 
 # ---------------------------------------------------------------------- real data
