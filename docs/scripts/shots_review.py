@@ -130,7 +130,7 @@ def main() -> None:
         pause(1)
         wait(lambda: not retrainer.busy, 300)
         wait(lambda: "bal. acc" in widget.metrics_label.text() or not retrainer.busy, 120)
-        widget.splitter.setSizes([700, 260])
+        widget.splitter.setSizes([560, 400])
         widget.set_group("batch", "pbc_dev")
         pause(0.5)
         wait(lambda: not widget.busy, 120)

@@ -65,6 +65,7 @@ from qtpy.QtWidgets import (
 from napari_hemofm._widgets._colors import MISSING_COLOR, class_hex
 from napari_hemofm._widgets._thumbstrip import start_thumbnail_worker, thumbnail_pixmap
 from napari_hemofm._widgets._workers import Lifeline
+from napari_hemofm.core.review import UNIDENTIFIED, least_sure_keys
 
 if TYPE_CHECKING:
     from napari_hemofm.core.cells import CellTable
@@ -834,7 +835,6 @@ class Gallery(QScrollArea):
         self.sort_mode: SortMode = "confidence"
         self.table: CellTable | None = None
         self.classes: list[str] = []
-        self.threshold = 0.5
         self._base_provider = ThumbnailProvider(thumbnails, self)
         self._hires_provider = ThumbnailProvider(hires, self) if hires is not None else None
         for provider in self._providers():
@@ -864,6 +864,9 @@ class Gallery(QScrollArea):
         self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.setFrameShape(QFrame.Shape.NoFrame)
         self._body = QWidget()
+        # the body always takes the viewport's width: a long section title must not make
+        # it wider (the grid would lay out a column that is never on screen)
+        self._body.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self._layout = QVBoxLayout(self._body)
         self._layout.setContentsMargins(2, 2, 2, 2)
         self._layout.setSpacing(2)
@@ -931,7 +934,7 @@ class Gallery(QScrollArea):
             return CellLook(cell_id, self._colors[lab], True, "", None, dot)
         if pred >= 0:
             badge = f"? {conf:.2f}" if np.isfinite(conf) else "?"
-            if np.isfinite(conf) and conf < self.threshold:  # Unidentified: grey, dashed
+            if self.section_of_row(row) == UNIDENTIFIED:  # grey, dashed (Review's rule)
                 return CellLook(cell_id, MISSING_COLOR, False, badge, self._colors[pred], None)
             return CellLook(cell_id, self._colors[pred], False, badge, None, None)
         return CellLook(cell_id, None, False, "", None, None)
@@ -953,6 +956,13 @@ class Gallery(QScrollArea):
             f"prediction: {value('prediction')} ({value('confidence')})",
             f"batch: {value('batch')}",
         ]
+        if self.section_of_row(row) == UNIDENTIFIED:
+            from napari_hemofm.core.report import counted_cells
+
+            why = counted_cells(self.table, rows=np.array([row]))["reason"].iat[0]
+            if "typicality" in obs.columns:
+                why += f" (typicality {value('typicality')})"
+            lines.append(f"Unidentified: {why}")
         failed = self.provider.failed(lines[0])
         if failed:
             lines.append(f"no thumbnail: {failed}")
@@ -994,10 +1004,10 @@ class Gallery(QScrollArea):
     def sort_keys(self, rows: np.ndarray) -> np.ndarray:
         """Sort keys of table rows in the current sort mode (ascending = shown first).
 
-        ``"confidence"``: how sure the probe is of the cell's class, least sure first;
-        a curated cell the probe puts in another class counts as unsure (1 - its
-        confidence), cells without a prediction come last. ``"map"``: position along a
-        Hilbert curve over the UMAP (similar cells side by side).
+        ``"confidence"``: least sure first, the Review's rule
+        (:func:`~napari_hemofm.core.review.least_sure_keys`) on the gallery's cached
+        codes. ``"map"``: position along a Hilbert curve over the UMAP (similar cells
+        side by side).
         """
         rows = np.asarray(rows, np.int64)
         if self.sort_mode == "map" and self.table is not None:
@@ -1008,12 +1018,9 @@ class Gallery(QScrollArea):
                     self._hilbert_for = xy
                 return self._hilbert[rows]
             return rows.astype(np.float64)
-        conf = self._conf[rows]
         lab, pred = self._label_code[rows], self._pred_code[rows]
-        key = np.where(np.isfinite(conf), conf, 2.0)
         disagree = (lab >= 0) & (pred >= 0) & (lab != pred)
-        key = np.where(disagree, 1.0 - np.nan_to_num(conf, nan=0.0), key)
-        return key.astype(np.float64)
+        return least_sure_keys(self._conf[rows], disagree)
 
     # ------------------------------------------------------------ content
     @contextmanager
@@ -1031,8 +1038,6 @@ class Gallery(QScrollArea):
         classes: Sequence[str],
         specs: Sequence[SectionSpec],
         sections: dict[str, np.ndarray],
-        *,
-        threshold: float = 0.5,
     ) -> None:
         """Rebuild every section (a new table, threshold, class list or sort order).
 
@@ -1044,9 +1049,8 @@ class Gallery(QScrollArea):
         specs : sequence of SectionSpec
             Sections top to bottom (without the queue).
         sections : dict of str to ndarray of int
-            Table rows of each section.
-        threshold : float
-            The "Unidentified" threshold (for the grey dashed look).
+            Table rows of each section (:meth:`Review.sections`: the Unidentified
+            section decides which predicted cells look grey and dashed).
         """
         if table is not self.table:
             for provider in self._providers():
@@ -1058,7 +1062,6 @@ class Gallery(QScrollArea):
         self.table = table
         self.classes = list(classes)
         self._colors = [class_hex(i) for i in range(len(self.classes))]
-        self.threshold = float(threshold)
         self.read_cells()
         queue = self.sections.get("Queue")
         wanted = [s.name for s in specs]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from qtpy.QtCore import QMimeData, QPoint, QRect, QSize, Qt, QTimer
+from qtpy.QtCore import QMimeData, QPoint, Qt, QTimer
 from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -36,7 +36,6 @@ from qtpy.QtWidgets import (
     QHeaderView,
     QInputDialog,
     QLabel,
-    QLayout,
     QMenu,
     QProgressBar,
     QPushButton,
@@ -48,10 +47,11 @@ from qtpy.QtWidgets import (
     QToolButton,
     QVBoxLayout,
     QWidget,
-    QWidgetItem,
 )
 
 from napari_hemofm._widgets._colors import MISSING_COLOR, class_hex
+from napari_hemofm._widgets._docking import setup_dock
+from napari_hemofm._widgets._flow import FlowLayout
 from napari_hemofm._widgets._gallery import (
     DEFAULT_ICON_SIZE,
     HIRES_SIZE,
@@ -70,6 +70,8 @@ from napari_hemofm._widgets._signals import (
     on_main_thread,
 )
 from napari_hemofm._widgets._workers import Lifeline, start_worker
+from napari_hemofm.core.catalogue import DEFAULT_PRESET, PRESET_KEY, preset_names
+from napari_hemofm.core.journal import ProjectReadOnlyError
 from napari_hemofm.core.review import NOT_CLASSED, UNIDENTIFIED, UNLABELLED
 
 if TYPE_CHECKING:
@@ -84,6 +86,8 @@ if TYPE_CHECKING:
 GALLERY_ORIGIN = "gallery"
 #: Cells in a "Label next" / "Suspect labels" queue.
 QUEUE_SIZE = 20
+#: Groupings of the differential: (combo text, obs column).
+GROUPINGS = (("per smear", "source"), ("per slide", "slide"), ("per batch", "batch"))
 #: Targets offered for a differential count.
 TARGETS = (100, 200)
 #: Sort orders of the gallery: (combo text, Gallery sort mode).
@@ -101,84 +105,6 @@ NOT_CLASSED_COLOR = "#5a5a5a"
 
 
 # ------------------------------------------------------------------ helpers
-class FlowLayout(QLayout):
-    """Lays widgets out left to right, wrapping to the next line (Qt's flow-layout example).
-
-    Qt has no flow layout of its own; the class bar needs one so that eight or more
-    class buttons fit a narrow dock.
-    """
-
-    def __init__(self, parent: QWidget | None = None, spacing: int = 4) -> None:
-        super().__init__(parent)
-        self._items: list[Any] = []
-        self.setSpacing(spacing)
-        self.setContentsMargins(0, 0, 0, 0)
-
-    def addItem(self, item: Any) -> None:
-        """Append an item."""
-        self._items.append(item)
-
-    def addWidget(self, widget: QWidget) -> None:
-        """Append a widget."""
-        self.addChildWidget(widget)
-        self.addItem(QWidgetItem(widget))
-
-    def count(self) -> int:
-        """Number of items."""
-        return len(self._items)
-
-    def itemAt(self, index: int) -> Any:
-        """Item ``index`` or None."""
-        return self._items[index] if 0 <= index < len(self._items) else None
-
-    def takeAt(self, index: int) -> Any:
-        """Remove and return item ``index``."""
-        return self._items.pop(index) if 0 <= index < len(self._items) else None
-
-    def expandingDirections(self) -> Qt.Orientation:
-        """It does not grow."""
-        return Qt.Orientation(0)
-
-    def hasHeightForWidth(self) -> bool:
-        """Its height depends on its width."""
-        return True
-
-    def heightForWidth(self, width: int) -> int:
-        """Height needed at ``width``."""
-        return self._do_layout(QRect(0, 0, width, 0), move=False)
-
-    def setGeometry(self, rect: QRect) -> None:
-        """Place the items."""
-        super().setGeometry(rect)
-        self._do_layout(rect, move=True)
-
-    def sizeHint(self) -> QSize:
-        """The minimum size."""
-        return self.minimumSize()
-
-    def minimumSize(self) -> QSize:
-        """The largest item."""
-        size = QSize()
-        for item in self._items:
-            size = size.expandedTo(item.minimumSize())
-        return size
-
-    def _do_layout(self, rect: QRect, *, move: bool) -> int:
-        x, y, line = rect.x(), rect.y(), 0
-        gap = self.spacing()
-        for item in self._items:
-            if item.widget() is not None and item.widget().isHidden():
-                continue
-            hint = item.sizeHint()
-            if x + hint.width() > rect.right() + 1 and line > 0:
-                x, y, line = rect.x(), y + line + gap, 0
-            if move:
-                item.setGeometry(QRect(QPoint(x, y), hint))
-            x += hint.width() + gap
-            line = max(line, hint.height())
-        return y + line - rect.y()
-
-
 class ClassButton(QPushButton):
     """A class-bar button: click labels the selection; cells can be dropped on it."""
 
@@ -218,7 +144,7 @@ def format_metrics(metrics: dict[str, Any] | None, k: int | None = None) -> str:
     Parameters
     ----------
     metrics : dict or None
-        From :func:`~napari_hemofm.core.classify.probe_metrics` plus ``probe``.
+        From :func:`~napari_hemofm.core.evaluation.probe_metrics` plus ``probe``.
     k : int, optional
         Neighbours of the kNN probe (shown as ``k=20``).
 
@@ -317,6 +243,7 @@ class ReviewWidget(QWidget):
         self._busy = False
 
         self._build_ui()
+        setup_dock(self)
 
         self._rebuild_timer = QTimer(self)
         self._rebuild_timer.setSingleShot(True)
@@ -398,6 +325,19 @@ class ReviewWidget(QWidget):
         tools.addWidget(self.next_button)
         tools.addWidget(self.suspects_button)
         tools.addStretch(1)
+        self.preset_combo = QComboBox()  # placed on the settings row
+        for name in preset_names():
+            self.preset_combo.addItem(name, name)
+        self.preset_combo.setToolTip(
+            "Class preset: fills the class bar (keys 1-9) and says how each class counts "
+            "(white cell, per 100 white cells, not counted). Labels in use are kept."
+        )
+        self.preset_combo.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.preset_combo.currentIndexChanged.connect(self._on_preset_changed)
+        self.preset_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
+        self.preset_combo.setMinimumContentsLength(8)
 
         self.sort_combo = QComboBox()
         for text, mode in SORTS:
@@ -428,16 +368,21 @@ class ReviewWidget(QWidget):
         self.zoom_slider.setToolTip("Thumbnail size (Ctrl+wheel over the gallery)")
         self.zoom_slider.setMinimumWidth(80)
         self.zoom_slider.valueChanged.connect(self.set_zoom)
+        # two short rows, so that the panel fits a narrow dock without scrolling sideways
         settings = QHBoxLayout()
         settings.setSpacing(4)
         settings.addWidget(QLabel("Sort"))
         settings.addWidget(self.sort_combo)
-        settings.addWidget(QLabel("Unidentified <"))
-        settings.addWidget(self.threshold_spin)
         settings.addWidget(QLabel("Probe"))
         settings.addWidget(self.probe_combo)
-        settings.addWidget(QLabel("Zoom"))
-        settings.addWidget(self.zoom_slider, 1)
+        settings.addStretch(1)
+        settings2 = QHBoxLayout()
+        settings2.setSpacing(4)
+        settings2.addWidget(self.preset_combo)
+        settings2.addWidget(QLabel("Unidentified <"))
+        settings2.addWidget(self.threshold_spin)
+        settings2.addWidget(QLabel("Zoom"))
+        settings2.addWidget(self.zoom_slider, 1)
 
         self.metrics_label = QLabel(format_metrics(None))
         self.metrics_label.setToolTip(
@@ -482,20 +427,32 @@ class ReviewWidget(QWidget):
         splitter = QSplitter(Qt.Orientation.Vertical)
         splitter.addWidget(self.gallery)
         counts = self._build_counts()
-        # the count panel keeps its natural height; extra height goes to the gallery
-        counts.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
+        # extra height goes mostly to the gallery (stretch 4:1); the count panel is not
+        # capped at its size hint, which misses its wrapped sign-off line
+        counts.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
         splitter.addWidget(counts)
         splitter.setStretchFactor(0, 4)
         splitter.setStretchFactor(1, 1)
         splitter.setChildrenCollapsible(True)
+        # the gallery is the point of the panel: at least two rows of cells, and the
+        # count panel starts at its minimum (it grows when the user drags the handle)
+        self.gallery.setMinimumHeight(2 * DEFAULT_ICON_SIZE + 40)
+        splitter.setSizes([10_000, 1])
         self.splitter = splitter
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.setSpacing(4)
+        # another process has the project open: say who, and relabelling is off
+        self.read_only_banner = QLabel("")
+        self.read_only_banner.setWordWrap(True)
+        self.read_only_banner.setStyleSheet("color: #1e1e1e; background: #e8b04a; padding: 3px;")
+        self.read_only_banner.setVisible(False)
+        layout.addWidget(self.read_only_banner)
         layout.addWidget(self._class_bar)
         layout.addLayout(tools)
         layout.addLayout(settings)
+        layout.addLayout(settings2)
         layout.addLayout(metrics)
         layout.addWidget(self.status)
         layout.addWidget(splitter, 1)
@@ -503,8 +460,8 @@ class ReviewWidget(QWidget):
     def _build_counts(self) -> QWidget:
         box = QGroupBox("Differential count")
         self.group_by_combo = QComboBox()
-        self.group_by_combo.addItem("per smear", "source")
-        self.group_by_combo.addItem("per batch", "batch")
+        for text, column in GROUPINGS:
+            self.group_by_combo.addItem(text, column)
         self.group_by_combo.currentIndexChanged.connect(lambda _i: self.refresh_counts())
         self.group_combo = QComboBox()
         self.group_combo.setSizeAdjustPolicy(
@@ -537,19 +494,38 @@ class ReviewWidget(QWidget):
             header.setSectionResizeMode(3 * g + 2, QHeaderView.ResizeMode.ResizeToContents)
         self.count_table.verticalHeader().setDefaultSectionSize(20)
         self.count_progress = QProgressBar()
-        self.count_progress.setFormat("%v / %m cells counted")
+        self.count_progress.setFormat("%v / %m white cells counted")
         self.count_progress.setRange(0, TARGETS[0])
         self.signoff_label = QLabel("")
         self.signoff_label.setWordWrap(True)
         self.signoff_button = QPushButton("Sign off")
         self.signoff_button.setToolTip(
-            "Record that you checked this differential (needs no Unidentified cell left)"
+            "Record that you checked this differential: needs the target of white cells, "
+            "no Unidentified cell and no shift warning (or a written reason to override it)"
         )
-        self.signoff_button.setFocusPolicy(Qt.FocusPolicy.NoFocus)
-        self.signoff_button.clicked.connect(lambda: self.sign_off())
+        self.signoff_button.clicked.connect(self._ask_sign_off)
+        self.verify_button = QPushButton("Verify")
+        self.verify_button.setToolTip(
+            "Second reader: confirm a sign-off made by another user (any later label "
+            "change in the group voids both)"
+        )
+        self.verify_button.clicked.connect(lambda: self.verify_sign_off())
+        self.export_button = QPushButton("Export report...")
+        self.export_button.setToolTip(
+            "Write the printable report of every group (one self-contained HTML file)"
+        )
+        self.export_button.clicked.connect(self._ask_export_report)
+        for button in (self.signoff_button, self.verify_button, self.export_button):
+            button.setFocusPolicy(Qt.FocusPolicy.NoFocus)
         bottom = QHBoxLayout()
-        bottom.addWidget(self.signoff_label, 1)
         bottom.addWidget(self.signoff_button)
+        bottom.addWidget(self.verify_button)
+        bottom.addStretch(1)
+        bottom.addWidget(self.export_button)
+        self.history_label = QLabel("")
+        self.history_label.setWordWrap(True)
+        self.history_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.history_label.setToolTip("Label history of the selected cell (hemofm audit)")
 
         layout = QVBoxLayout(box)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -557,7 +533,9 @@ class ReviewWidget(QWidget):
         layout.addWidget(self.count_table)
         layout.addWidget(self.count_progress)
         layout.addStretch(1)
+        layout.addWidget(self.signoff_label)
         layout.addLayout(bottom)
+        layout.addWidget(self.history_label)
         self._counts: pd.DataFrame | None = None
         self._summary: pd.DataFrame | None = None
         return box
@@ -668,7 +646,7 @@ class ReviewWidget(QWidget):
         """Give cells (ids or rows) ``label`` through the review. One undo step."""
         try:
             changed = self.review.relabel(cells, label)
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, ProjectReadOnlyError) as exc:
             self._say(str(exc))
             return []
         what = "cleared" if label is None else f"→ {label}"
@@ -866,7 +844,7 @@ class ReviewWidget(QWidget):
         """Show the differential of ``group`` (a source or a batch, per ``by``)."""
         index = self.group_by_combo.findData(by)
         if index < 0:
-            raise ValueError(f"by must be 'source' or 'batch'; got {by!r}")
+            raise ValueError(f"by must be one of {[c for _, c in GROUPINGS]}; got {by!r}")
         self.group_by_combo.setCurrentIndex(index)
         self.refresh_counts()
         if group is not None:
@@ -876,11 +854,15 @@ class ReviewWidget(QWidget):
             self.group_combo.setCurrentIndex(g)
 
     def counts_frame(self) -> pd.DataFrame:
-        """The shown group's count table: ``label``, ``count``, ``percent``."""
+        """The shown group's count table: ``label``, ``kind``, ``count``, ``percent``.
+
+        ``percent`` of a ``non_wbc`` row is per 100 white cells (:mod:`~.core.report`).
+        """
+        columns = ["label", "kind", "count", "percent"]
         if self._counts is None or self.group is None:
-            return pd.DataFrame(columns=["label", "count", "percent"])
+            return pd.DataFrame(columns=columns)
         part = self._counts[self._counts["group"] == self.group]
-        return part[["label", "count", "percent"]].reset_index(drop=True)
+        return part[columns].reset_index(drop=True)
 
     def _show_group(self) -> None:
         frame = self.counts_frame()
@@ -893,11 +875,17 @@ class ReviewWidget(QWidget):
             name = QTableWidgetItem(str(r.label))
             color = MISSING_COLOR if r.label == UNIDENTIFIED else self._class_color(str(r.label))
             name.setIcon(_swatch_icon(color))
-            name.setToolTip(str(r.label))
+            per_wbc = r.kind == "non_wbc"
+            name.setToolTip(f"{r.label}: " + ("per 100 white cells" if per_wbc else str(r.kind)))
             count = QTableWidgetItem(f"{int(r.count):,}")
             count.setTextAlignment(right)
-            pct = QTableWidgetItem(f"{float(r.percent):.1f}")
+            pct = QTableWidgetItem(f"{float(r.percent):.1f}" + ("/100" if per_wbc else ""))
             pct.setTextAlignment(right)
+            if per_wbc:  # not part of the 100 %
+                font = name.font()
+                font.setItalic(True)
+                for item in (name, count, pct):
+                    item.setFont(font)
             for j, item in enumerate((name, count, pct)):
                 self.count_table.setItem(row, col + j, item)
         header_h = self.count_table.horizontalHeader().sizeHint().height()
@@ -911,35 +899,45 @@ class ReviewWidget(QWidget):
             self.signoff_label.setText("No cells counted yet.")
             return
         row = summary.loc[group]
-        counted = int(row["n_counted"])
+        counted = int(row["n_wbc"])
         self.count_progress.setRange(0, max(self.target, counted))
         self.count_progress.setValue(counted)
-        unidentified = int(row["n_unidentified"])
-        can = bool(row["can_sign_off"])
-        self.signoff_button.setEnabled(can)
-        signed = str(row.get("signed_off_by", "") or "")
-        if signed:
-            when = _signoff_time(self.table, self.group_by_combo.currentData(), group)
-            text = f"Signed off by {signed}" + (f" at {when}" if when else "")
-        elif unidentified:
-            text = (
-                f"{unidentified} Unidentified cell{'s' if unidentified != 1 else ''}: label "
-                "them (or mark them Not classed) to sign off."
-            )
-        elif counted < self.target:
-            text = f"{self.target - counted} cells short of the target."
-        else:
-            text = "Ready to sign off."
+        self.count_progress.setFormat(f"%v / {self.target} white cells counted")
+        blockers = list(row["blockers"])
+        signed = bool(row["signed_off_by"]) and not row["signoff_void"]
+        # a shift warning alone can be overridden with a written reason
+        only_warning = bool(row["warnings"]) and len(blockers) == 1
+        self.signoff_button.setEnabled((not signed) and (not blockers or only_warning))
+        self.signoff_button.setText("Sign off with reason..." if only_warning else "Sign off")
+        self.verify_button.setEnabled(signed)
+        text = str(row["status"])  # the one sign-off text (core.report.signoff_text)
+        for warning in row["warnings"]:
+            text += f"\nWarning: {warning}"
         self.signoff_label.setText(text)
+        # a wrapped label's height is not in its size hint: ask for it, so the panel
+        # grows (or its dock scrolls) instead of drawing rows over each other
+        width = max(self.signoff_label.width(), 240)
+        self.signoff_label.setMinimumHeight(self.signoff_label.heightForWidth(width))
+        void = bool(row["signoff_void"])
+        self.signoff_label.setStyleSheet("color: #e05555; font-weight: bold;" if void else "")
 
-    def sign_off(self, user: str | None = None) -> dict[str, Any] | None:
-        """Sign off the shown group's differential (see ``Review.sign_off``)."""
+    def sign_off(
+        self, user: str | None = None, override: str | None = None
+    ) -> dict[str, Any] | None:
+        """Sign off the shown group's differential (see ``Review.sign_off``).
+
+        ``override`` is the written reason for signing despite a shift warning.
+        """
         group = self.group
         if group is None:
             return None
         try:
             record = self.review.sign_off(
-                group, self.group_by_combo.currentData(), user=user, target=self.target
+                group,
+                self.group_by_combo.currentData(),
+                user=user,
+                target=self.target,
+                override=override,
             )
         except ValueError as exc:
             self._say(str(exc))
@@ -949,6 +947,81 @@ class ReviewWidget(QWidget):
         self.refresh_counts()
         return record
 
+    def _ask_sign_off(self) -> None:
+        summary, group = self._summary, self.group
+        override = None
+        if summary is not None and group in summary.index and summary.loc[group, "warnings"]:
+            override, ok = QInputDialog.getText(
+                self,
+                "Sign off despite a warning",
+                "Why is this differential right although its cells differ from the cells "
+                "the probe learned from?",
+            )
+            if not ok or not override.strip():
+                return
+        self.sign_off(override=override)
+
+    def verify_sign_off(self, user: str | None = None) -> dict[str, Any] | None:
+        """Verify the shown group's sign-off as a second reader (another user name)."""
+        group = self.group
+        if group is None:
+            return None
+        try:
+            record = self.review.verify_sign_off(
+                group, self.group_by_combo.currentData(), user=user
+            )
+        except ValueError as exc:
+            self._say(str(exc))
+            self.refresh_counts()
+            return None
+        self._say(f"{_short(group)} verified by {record['verified'][-1]['user']}.")
+        self.refresh_counts()
+        return record
+
+    def export_report(self, path: str) -> str:
+        """Write the printable HTML report of every group (grouped as shown) to ``path``."""
+        out = self.review.export_report(  # the session's images: layers need no file
+            path,
+            by=self.group_by_combo.currentData(),
+            target=self.target,
+            images=self.session.images,
+        )
+        self._say(f"Report written to {out}.")
+        return str(out)
+
+    def _ask_export_report(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export report", "report.html", "HTML report (*.html)"
+        )
+        if path:
+            try:
+                self.export_report(path)
+            except OSError as exc:
+                self._say(f"Could not write the report: {exc}")
+
+    def show_history(self, cell_id: str | None) -> str:
+        """Show the label history of a cell (``None``: clear); returns the text shown."""
+        from napari_hemofm.core.audit import cell_history
+
+        text = ""
+        if cell_id is not None:
+            try:
+                history = cell_history(self.table, cell_id)
+            except KeyError:
+                history = None
+            if history is not None and len(history):
+                lines = [
+                    f"{r.time[:19].replace('T', ' ')} {r.user}: {r.old or '(none)'} -> "
+                    f"{r.new or '(none)'}"
+                    for r in history.tail(5).itertuples()
+                ]
+                more = f" ({len(history) - 5} earlier)" if len(history) > 5 else ""
+                text = f"History of {cell_id}{more}:\n" + "\n".join(lines)
+            elif history is not None:
+                text = f"{cell_id}: label never changed."
+        self.history_label.setText(text)
+        return text
+
     # -------------------------------------------------------------- attach
     def _attach(self, review: Review) -> None:
         """Follow a review and its table (a new one when the session's table changes)."""
@@ -957,6 +1030,7 @@ class ReviewWidget(QWidget):
         self.review = review
         table = review.table
         self._table = table
+        self._show_read_only(table)
         if self._hires is not None:
             self._hires.clear()
         tev = table.events
@@ -977,6 +1051,8 @@ class ReviewWidget(QWidget):
         for group in ("table", "review"):
             for signal, slot in self._slots[group]:
                 signal.connect(slot)
+        if not table.classes and PRESET_KEY not in table.meta:
+            review.apply_preset(DEFAULT_PRESET)  # a new project: the class bar is full
         self.gallery.clear_queue()
         self._on_history_changed(review.can_undo, review.can_redo)
         self._on_metrics_changed(getattr(review, "last_metrics", None))
@@ -988,8 +1064,19 @@ class ReviewWidget(QWidget):
         self.group_by_combo.blockSignals(False)
         self.rebuild()
 
+    def _show_read_only(self, table: CellTable) -> None:
+        from napari_hemofm.core.io import read_only_reason
+
+        reason = read_only_reason(table)
+        self.read_only_banner.setText(reason or "")
+        self.read_only_banner.setVisible(reason is not None)
+        self._class_bar.setEnabled(reason is None)
+
     def _sync_controls(self) -> None:
         review = self.review
+        self.preset_combo.blockSignals(True)
+        self.preset_combo.setCurrentIndex(max(self.preset_combo.findData(review.preset), 0))
+        self.preset_combo.blockSignals(False)
         for widget, value in (
             (self.threshold_spin, review.threshold),
             (self.probe_combo, self.probe_combo.findData(review.probe_kind)),
@@ -1015,7 +1102,7 @@ class ReviewWidget(QWidget):
         sections = review.sections() if table.n_cells else {}
         names = list(sections) or [*classes, UNIDENTIFIED, UNLABELLED, NOT_CLASSED]
         specs = self._section_specs(names)
-        self.gallery.set_content(table, table.classes, specs, sections, threshold=review.threshold)
+        self.gallery.set_content(table, table.classes, specs, sections)
         self.gallery.set_selected(self.session.selected)
         self._schedule_counts()
 
@@ -1027,7 +1114,8 @@ class ReviewWidget(QWidget):
                 specs.append(
                     SectionSpec(
                         name,
-                        f"{UNIDENTIFIED}  (confidence < {self.review.threshold:.2f})",
+                        f"{UNIDENTIFIED}  (confidence < {self.review.threshold:.2f}, "
+                        "or unlike the labelled cells)",
                         MISSING_COLOR,
                         "unidentified",
                         droppable=False,
@@ -1192,6 +1280,7 @@ class ReviewWidget(QWidget):
             self._schedule_rebuild()  # cells arrived that the gallery has not seen yet
             return
         self.gallery.set_selected(rows, scroll=origin != GALLERY_ORIGIN)
+        self.show_history(str(self.table.cell_ids[int(rows[0])]) if len(rows) == 1 else None)
 
     # ---------------------------------------------------------------- keys
     def _on_key_action(self, action: str, arg: Any) -> None:
@@ -1220,6 +1309,11 @@ class ReviewWidget(QWidget):
     def _on_threshold_changed(self, value: float) -> None:
         if abs(float(value) - self.review.threshold) > 1e-9:
             self.review.threshold = float(value)  # -> settings_changed -> rebuild
+
+    def _on_preset_changed(self, _index: int) -> None:
+        name = self.preset_combo.currentData()
+        if name and (name != self.review.preset or PRESET_KEY not in self.table.meta):
+            self.review.apply_preset(name)  # -> settings_changed -> rebuild
 
     def _on_probe_changed(self, _index: int) -> None:
         kind = self.probe_combo.currentData()
@@ -1337,12 +1431,3 @@ def _short(group: str, width: int = 40) -> str:
     """A long path shortened from the left for a combo box."""
     text = str(group)
     return text if len(text) <= width else "…" + text[-(width - 1) :]
-
-
-def _signoff_time(table: CellTable, by: str, group: str) -> str:
-    from napari_hemofm.core.report import signoffs
-
-    for record in signoffs(table):
-        if record.get("by") == by and record.get("group") == group:
-            return str(record.get("time", ""))
-    return ""

@@ -186,9 +186,15 @@ class Retrainer(QObject):
             self._metrics_worker = None
         self.busy_changed.emit(self.busy)
 
-    def wait_idle(self, qtbot: Any = None, timeout: int = 30_000) -> None:
-        """Block until retraining and metrics are done (for tests and scripts)."""
-        from qtpy.QtCore import QCoreApplication, QElapsedTimer
+    def wait_idle(self, timeout: int = 30_000) -> None:
+        """Block until retraining and metrics are done (for tests and scripts).
+
+        Parameters
+        ----------
+        timeout : int
+            Milliseconds to wait before :class:`TimeoutError`.
+        """
+        from qtpy.QtCore import QCoreApplication, QElapsedTimer, QThread
 
         clock = QElapsedTimer()
         clock.start()
@@ -196,8 +202,7 @@ class Retrainer(QObject):
             if clock.elapsed() > timeout:
                 raise TimeoutError("the probe did not finish retraining in time")
             QCoreApplication.processEvents()
-            if qtbot is not None:
-                qtbot.wait(10)
+            QThread.msleep(10)  # let the worker threads run instead of spinning
 
     # ----------------------------------------------------------- relabelling
     def relabel_selection_key(self, key: int) -> list[str]:

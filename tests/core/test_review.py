@@ -283,3 +283,41 @@ def test_a_saved_probe_predicts_another_project_and_adapts_to_its_labels(tmp_pat
         Review(other).use_reference(path)
     r2.use_reference(None)
     assert r2.reference is None
+
+
+def test_least_sure_first_orders_by_confidence_with_disagreeing_labels_as_unsure():
+    """Keys: the confidence; 1 - confidence for a curated cell the probe puts in another
+    class; 2 (last) without a prediction. Review.least_sure_first reads them from the table."""
+    from napari_hemofm.core.review import least_sure_keys
+
+    conf = np.array([0.9, 0.4, np.nan, 0.95, 0.6])
+    disagree = np.array([False, False, False, True, False])
+    keys = least_sure_keys(conf, disagree)
+    assert keys.tolist() == pytest.approx([0.9, 0.4, 2.0, 0.05, 0.6])
+    assert np.argsort(keys, kind="stable").tolist() == [3, 1, 4, 0, 2]
+    table, _ = blob_table(n_per=10, labelled_per=3)
+    review = Review(table)
+    review.retrain()
+    review.relabel([0], "monocyte")  # the probe still says neutrophil: unsure
+    keys = review.least_sure_first()
+    conf = table.obs["confidence"].to_numpy(dtype=float)
+    assert keys[0] == pytest.approx(1.0 - conf[0])
+    assert keys[5] == pytest.approx(conf[5])
+    assert review.least_sure_first(np.array([5, 0])).tolist() == [keys[5], keys[0]]
+
+
+def test_add_class_with_a_kind_and_presets_through_the_review():
+    """A class added with a kind counts that way; apply_preset fills the class list and
+    keeps the labels in use (undo history untouched)."""
+    table, _ = blob_table(n_per=5, labelled_per=2)
+    review = Review(table)
+    review.add_class("megakaryocyte fragment", kind="non_wbc")
+    assert review.class_kind("megakaryocyte fragment") == "non_wbc"
+    assert review.class_kind("NRBC") == "non_wbc"
+    assert review.class_kind("neutrophils") == "wbc"
+    review.apply_preset("Bone marrow")
+    assert review.preset == "Bone marrow"
+    assert review.classes[0] == "segmented neutrophil"
+    assert {"neutrophil", "lymphocyte", "monocyte"} <= set(review.classes)
+    assert review.classes.index("lymphocyte") == 2  # LYT's key
+    assert not review.can_undo

@@ -30,9 +30,9 @@ def viewer_with_cells(make_napari_viewer, qtbot):
     session = get_session(viewer)
     session.set_table(make_table())
     state = get_retrainer(viewer)
-    state.wait_idle(qtbot)
+    state.wait_idle()
     yield viewer, session, state
-    state.wait_idle(qtbot)  # no retraining outlives the viewer
+    state.wait_idle()  # no retraining outlives the viewer
 
 
 def test_number_key_on_a_cells_layer_relabels_the_selected_cells_and_undo_restores(
@@ -112,7 +112,7 @@ def test_a_correction_retrains_the_probe_and_updates_predictions_everywhere(
     shown = layer.features["prediction"].astype(object).to_numpy()
     np.testing.assert_array_equal(shown, pred[sync_rows])
     assert not state.errors
-    state.wait_idle(qtbot)
+    state.wait_idle()
     assert review.last_metrics.get("balanced_accuracy", 0) > 0.5
 
 

@@ -446,14 +446,32 @@ def test_threshold_moves_unsure_cells_to_unidentified(review_widget):
     look = w.gallery.cell_look(next(iter(expected)))
     assert look.badge.startswith("?")
     assert look.color == "#808080"
+    assert "Unidentified: low confidence" in w.gallery.describe(next(iter(expected)))
     w.threshold_spin.setValue(0.0)
-    assert not gallery_sections(w)[UNIDENTIFIED]
+    # every prediction is trusted now, except those of cells the out-of-domain guard
+    # finds unlike the labelled cells (obs["atypical"]; none without the guard)
+    obs = w.table.obs
+    atypical = (
+        obs["atypical"].astype("boolean").fillna(False).to_numpy(dtype=bool)
+        if "atypical" in obs.columns
+        else np.zeros(len(obs), dtype=bool)
+    )
+    left = gallery_sections(w)[UNIDENTIFIED]
+    assert left == set(np.flatnonzero(unlabelled & atypical).tolist())
+    assert left <= expected  # only the ambiguous cells can look unlike every class
+    for row in left:
+        assert "Unidentified: unlike the labelled cells" in w.gallery.describe(row)
 
 
 # ----------------------------------------------------------------- counts
-def test_differential_counts_and_sign_off(review_widget, qtbot):
+def test_differential_counts_and_sign_off(review_widget, qtbot, monkeypatch):
     """The count table of a smear matches the cells' sections (Not classed left out);
-    Sign off is enabled only when the smear has no Unidentified cell."""
+    Sign off needs the target of white cells and no Unidentified cell; the status line
+    is the core's sign-off text; a second reader verifies; a later label change voids."""
+    import napari_hemofm.core.report as report
+    from napari_hemofm.core.report import differential_summary, signoff_text
+
+    monkeypatch.setattr(report, "shift_warnings", lambda t, by: {})  # see the next test
     w = review_widget
     w.threshold_spin.setValue(0.0)  # every prediction counts
     w.set_group("source", "smear_a")
@@ -466,31 +484,122 @@ def test_differential_counts_and_sign_off(review_widget, qtbot):
         assert n == int((mine & (section == c)).sum())
     shown = [w.count_table.item(r, c) for c in (0, 3) for r in range(w.count_table.rowCount())]
     assert [i.text() for i in shown if i is not None] == frame["label"].tolist()
-    assert w.count_progress.value() == int(mine.sum())
-    assert w.signoff_button.isEnabled()
+    identified = int((mine & np.isin(section, CLASSES)).sum())
+    assert w.count_progress.value() == identified
+    assert identified <= int(mine.sum()) < 100
+    assert not w.signoff_button.isEnabled()  # fewer white cells than the target 100
+    row = differential_summary(w.table, "source", threshold=0.0).loc["smear_a"]
+    assert w.signoff_label.text() == signoff_text(row)
 
-    # one smear_a cell marked Not classed drops out of the count
-    row = int(np.flatnonzero(mine)[0])
-    w.relabel([row], NOT_CLASSED)
+    # one slide holding every cell reaches the target
+    w.table.set_column("slide", ["patient 1"] * w.table.n_cells)
+    w.set_group("slide", "patient 1")
+    before = w.count_progress.value()
+    assert before >= 100
+    # one (labelled) cell marked Not classed drops out of the count
+    w.relabel([0], NOT_CLASSED)
     w.refresh_counts()
-    assert w.count_progress.value() == int(mine.sum()) - 1
+    assert w.count_progress.value() == before - 1
 
     # an Unidentified cell blocks the sign-off
     w.threshold_spin.setValue(1.0)
     w.refresh_counts()
     assert not w.signoff_button.isEnabled()
     assert "Unidentified" in w.signoff_label.text()
-    # labelling every Unidentified cell of the smear unblocks it
-    unident = np.flatnonzero(mine & (w.review.section_of() == UNIDENTIFIED))
+    # labelling every Unidentified cell unblocks it
+    unident = np.flatnonzero(w.review.section_of() == UNIDENTIFIED)
     w.relabel(unident, "Neutrophil")
     w.refresh_counts()
     assert w.signoff_button.isEnabled()
+    assert not w.verify_button.isEnabled()
     record = w.sign_off(user="dr_test")
     assert record is not None
     assert record["user"] == "dr_test"
-    assert "dr_test" in w.signoff_label.text()
+    assert "Signed off by dr_test" in w.signoff_label.text()
+    assert w.verify_button.isEnabled()
+    assert w.verify_sign_off(user="dr_test") is None  # the signer cannot verify
+    assert w.verify_sign_off(user="dr_second") is not None
+    assert "verified by dr_second" in w.signoff_label.text()
+    qtbot.wait(5)
+    w.relabel([1], "Monocyte")
+    w.refresh_counts()
+    assert "VOID" in w.signoff_label.text()
+    assert not w.verify_button.isEnabled()
     w.target_combo.setCurrentIndex(1)
     assert w.count_progress.maximum() == 200
+
+
+def test_a_shift_warning_needs_a_written_reason(review_widget, monkeypatch):
+    """With a shift warning the button asks for a reason; without one nothing is signed."""
+    import napari_hemofm.core.report as report
+
+    w = review_widget
+    w.threshold_spin.setValue(0.0)
+    w.table.set_column("slide", ["patient 1"] * w.table.n_cells)
+    unident = np.flatnonzero(w.review.section_of() == UNIDENTIFIED)
+    w.relabel(unident, "Neutrophil")  # atypical cells, if the guard flags any
+    monkeypatch.setattr(report, "shift_warnings", lambda t, by: {"patient 1": "cells differ"})
+    w.set_group("slide", "patient 1")
+    assert "Warning: cells differ" in w.signoff_label.text()
+    assert w.signoff_button.text().startswith("Sign off with reason")
+    answers = iter([("", False), ("stain checked by hand", True)])
+    monkeypatch.setattr(
+        "napari_hemofm._widgets._review.QInputDialog.getText", lambda *a, **k: next(answers)
+    )
+    w.signoff_button.click()  # cancelled
+    assert "Signed off" not in w.signoff_label.text()
+    w.signoff_button.click()
+    assert "warning overridden: stain checked by hand" in w.signoff_label.text()
+
+
+def test_gallery_and_hemofm_report_count_the_same_cells(review_widget, tmp_path):
+    """The gallery's sections, as shown, hold per smear exactly the cells `hemofm report`
+    counts on the saved project (same rule, same stored threshold)."""
+    from napari_hemofm.cli import main
+
+    w = review_widget
+    w.threshold_spin.setValue(0.9)
+    path = w.table.save(tmp_path / "p.h5ad")
+    out = tmp_path / "c.csv"
+    assert main(["report", str(path), "--out", str(out)]) == 0
+    counts = pd.read_csv(out)
+    sections = gallery_sections(w)
+    assert sections[UNIDENTIFIED]
+    source = w.table.obs["source"].astype(str).to_numpy()
+    for r in counts.itertuples():
+        rows = sections.get(r.label, set())
+        assert r.count == sum(1 for i in rows if source[i] == r.group), (r.group, r.label)
+
+
+def test_export_report_and_cell_history(review_widget, tmp_path):
+    """Export report writes the HTML of every group; selecting one cell shows its history."""
+    w = review_widget
+    path = w.export_report(str(tmp_path / "r.html"))
+    text = open(path, encoding="utf-8").read()
+    assert text.count('<section class="group">') == 2
+    assert "data:image/png;base64," in text  # thumbnails from the napari layers
+    w.table.save(tmp_path / "p.h5ad")  # a project file: its journal records changes
+    w.relabel([5], "Monocyte")
+    w.session.select(np.array([5]), origin="test")
+    assert "-> Monocyte" in w.history_label.text()
+    w.session.select(np.array([5, 6]), origin="test")
+    assert w.history_label.text() == ""
+
+
+def test_a_new_project_starts_with_the_preset_classes(make_napari_viewer, qtbot):
+    """On an empty session the class bar holds the Peripheral blood preset from the
+    first cell (keys 1-9); choosing Bone marrow refills it, labels in use kept."""
+    from napari_hemofm.core.catalogue import get_preset
+
+    viewer = make_napari_viewer()
+    widget = ReviewWidget(viewer)
+    pb = get_preset("Peripheral blood").names
+    assert widget.table.classes == pb
+    assert widget.class_buttons[pb[0]].text() == f"1 {pb[0]}"
+    assert widget.preset_combo.currentText() == "Peripheral blood"
+    widget.preset_combo.setCurrentIndex(widget.preset_combo.findData("Bone marrow"))
+    assert widget.table.classes == get_preset("Bone marrow").names
+    assert widget.review.preset == "Bone marrow"
 
 
 # ------------------------------------------------------------ live retraining
