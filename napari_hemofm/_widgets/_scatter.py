@@ -190,6 +190,12 @@ class ScatterCanvas(QWidget):
         self._base_dirty = True
         self._overlay_dirty = True
 
+        self._density = False
+        self._density_lut: np.ndarray | None = None
+        self._axis_labels: tuple[str, str] | None = None
+        self._axis_offset = np.zeros(2)
+        self._axis_scale = np.ones(2)
+
         self.tool: Tool = "pan"
         self._hover_row = -1
         self._press_pos: QPointF | None = None
@@ -246,6 +252,76 @@ class ScatterCanvas(QWidget):
         """Show a line of text in the middle of the canvas (``""`` hides it)."""
         self._message = text
         self.update()
+
+    def set_axis_labels(self, x: str | None, y: str | None = None) -> None:
+        """Draw axes with ticks and these titles (``None`` hides the axes)."""
+        self._axis_labels = None if x is None else (str(x), str(y or ""))
+        self.update()
+
+    @property
+    def axis_labels(self) -> tuple[str, str] | None:
+        """The axes' titles (x, y), or None while no axes are drawn."""
+        return self._axis_labels
+
+    @property
+    def density(self) -> bool:
+        """True while the canvas shows point density instead of the points."""
+        return self._density
+
+    def set_density(self, on: bool, lut: np.ndarray | None = None) -> None:
+        """Show a density image (log count of points per pixel, ``lut`` colours) or points.
+
+        Parameters
+        ----------
+        on : bool
+        lut : ndarray of shape (256,), uint32, optional
+            ``0xAARRGGBB`` colours from few to many points (default: a grey ramp).
+        """
+        self._density = bool(on)
+        if lut is not None:
+            self._density_lut = np.asarray(lut, np.uint32)
+        self._base_dirty = True
+        self.update()
+
+    def overlap(self) -> float:
+        """Mean number of drawn points per occupied pixel at the current view (>= 1).
+
+        Near 1 every point is visible; at 5 and more most of them hide one another, the
+        case for :meth:`set_density`.
+        """
+        w, h = max(self.width(), 1), max(self.height(), 1)
+        if not len(self._pts):
+            return 1.0
+        px, py, keep = self._pixel_positions(None, 1.0, w, h)
+        if not keep.any():
+            return 1.0
+        # a point covers a disc of radius r: count occupancy on a grid of that pitch
+        pitch = max(self._radius, 1.0)
+        cells = (py[keep] // pitch).astype(np.int64) * (int(w // pitch) + 1) + (
+            px[keep] // pitch
+        ).astype(np.int64)
+        return float(keep.sum() / len(np.unique(cells)))
+
+    def density_bin(self) -> int:
+        """Side in device pixels of the square spots the density view counts points in."""
+        return max(round(2 * self._radius * self._device_ratio()), 3)
+
+    def density_counts(self) -> np.ndarray:
+        """Points per spot at the current view, shape (ceil(h / bin), ceil(w / bin)), int64.
+
+        Spots are :meth:`density_bin` device pixels square (about a point's size).
+        """
+        ratio = self._device_ratio()
+        w = max(round(self.width() * ratio), 1)
+        h = max(round(self.height() * ratio), 1)
+        b = self.density_bin()
+        gw, gh = -(-w // b), -(-h // b)
+        counts = np.zeros(gw * gh, np.int64)
+        if len(self._pts):
+            px, py, keep = self._pixel_positions(None, ratio, w, h)
+            flat = (py[keep] // b).astype(np.int64) * gw + (px[keep] // b).astype(np.int64)
+            counts = np.bincount(flat, minlength=gw * gh)
+        return counts.reshape(gh, gw)
 
     def set_positions(self, xy: np.ndarray, *, fit: bool = True) -> None:
         """Set the layout: one (x, y) per row, NaN for rows not to draw.
@@ -497,7 +573,21 @@ class ScatterCanvas(QWidget):
         shape = (h + 2 * pad, w + 2 * pad)
         if self._base_dirty or self._base is None or self._base.shape != shape:
             base = np.full(shape, self._bg_argb, np.uint32)
-            if len(self._pts):
+            if self._density and len(self._pts):
+                counts = self.density_counts()
+                if counts.any():
+                    b = self.density_bin()
+                    spots = np.kron(counts, np.ones((b, b), np.int64))[:h, :w]
+                    hit = spots > 0
+                    level = np.log1p(spots[hit]) / np.log1p(counts.max())
+                    lut = self._density_lut
+                    if lut is None:
+                        ramp = np.linspace(90, 255, 256).astype(np.uint32)
+                        lut = 0xFF000000 | (ramp << 16) | (ramp << 8) | ramp
+                    idx = np.clip(np.rint(level * 255), 0, 255).astype(np.int64)
+                    inner = base[pad : pad + h, pad : pad + w]
+                    inner[hit] = lut[idx]
+            elif len(self._pts):
                 px, py, keep = self._pixel_positions(None, ratio, w, h)
                 colors = self._colors[self._shown]
                 if len(self._selected):
@@ -572,10 +662,67 @@ class ScatterCanvas(QWidget):
                     path.lineTo(QPointF(*p))
                 path.closeSubpath()
                 painter.drawPath(path)
+        if self._axis_labels is not None:
+            self._paint_axes(painter)
         if self._message:
             painter.setPen(QColor("#c8c8c8") if self._bg.lightnessF() < 0.5 else QColor("#444"))
             painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, self._message)
         painter.end()
+
+    def set_axis_units(self, offset: tuple[float, float], scale: tuple[float, float]) -> None:
+        """How axis values relate to positions: ``value = offset + scale * position``.
+
+        Lets a caller plot two columns of different units on normalised positions (the
+        canvas zooms both directions alike) while the ticks show the columns' values.
+        """
+        self._axis_offset = np.asarray(offset, dtype=np.float64)
+        self._axis_scale = np.asarray(scale, dtype=np.float64)
+        self.update()
+
+    def axis_values(self, xy: np.ndarray) -> np.ndarray:
+        """Axis values of positions of shape (n, 2) (see :meth:`set_axis_units`)."""
+        return self._axis_offset + self._axis_scale * np.asarray(xy, dtype=np.float64)
+
+    def axis_ticks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Tick values (x, y) of the current view in axis units: 3-7 round numbers each."""
+        x0, y0, x1, y1 = self.view_rect()
+        (ax0, ay0), (ax1, ay1) = self.axis_values(np.array([[x0, y0], [x1, y1]]))
+        return _nice_ticks(min(ax0, ax1), max(ax0, ax1)), _nice_ticks(min(ay0, ay1), max(ay0, ay1))
+
+    def _paint_axes(self, painter: QPainter) -> None:
+        """Ticks with values along the bottom and left edges, titles beside them."""
+        fg = QColor("#c8c8c8") if self._bg.lightnessF() < 0.5 else QColor("#404040")
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing, False)
+        pen = QPen(fg)
+        pen.setWidthF(1.0)
+        painter.setPen(pen)
+        font = painter.font()
+        font.setPointSizeF(max(font.pointSizeF() * 0.8, 6.0))
+        painter.setFont(font)
+        metrics = painter.fontMetrics()
+        w, h = self.width(), self.height()
+        xs, ys = self.axis_ticks()
+        (ox, oy), (kx, ky) = self._axis_offset, self._axis_scale
+        painter.drawLine(0, h - 1, w, h - 1)
+        painter.drawLine(0, 0, 0, h)
+        for v in xs:
+            px, _ = self.data_to_pixel(np.array([(v - ox) / kx]), np.array([0.0]))
+            x = float(px[0])
+            painter.drawLine(QPointF(x, h - 1), QPointF(x, h - 6))
+            painter.drawText(QPointF(x + 2, h - 8), _fmt_tick(v))
+        label_width = 0
+        for v in ys:
+            _, py = self.data_to_pixel(np.array([0.0]), np.array([(v - oy) / ky]))
+            y = float(py[0])
+            painter.drawLine(QPointF(0, y), QPointF(5, y))
+            painter.drawText(QPointF(7, y - 2), _fmt_tick(v))
+            label_width = max(label_width, metrics.horizontalAdvance(_fmt_tick(v)))
+        x_title, y_title = self._axis_labels
+        painter.drawText(
+            QPointF(w - metrics.horizontalAdvance(x_title) - 6, h - 8 - metrics.height()), x_title
+        )
+        # the y title reads horizontally at the top, right of the tick values
+        painter.drawText(QPointF(label_width + 14, metrics.ascent() + 2), y_title)
 
     def resizeEvent(self, event) -> None:
         """Refit while the user has not moved the view; else keep centre and scale."""
@@ -706,6 +853,23 @@ class ScatterCanvas(QWidget):
             self._hover_row = row
             self.update()
             self.hovered.emit(row)
+
+
+def _nice_ticks(lo: float, hi: float, target: int = 5) -> np.ndarray:
+    """Round tick values inside ``[lo, hi]`` (steps of 1, 2 or 5 times a power of ten)."""
+    span = hi - lo
+    if not np.isfinite(span) or span <= 0:
+        return np.zeros(0)
+    raw = span / target
+    power = 10.0 ** np.floor(np.log10(raw))
+    step = power * min((m for m in (1, 2, 5, 10) if m * power >= raw), default=10)
+    first = np.ceil(lo / step) * step
+    ticks = np.arange(first, hi + step * 1e-9, step)
+    return np.round(ticks, 12)
+
+
+def _fmt_tick(value: float) -> str:
+    return f"{value:.4g}" if value != 0 else "0"
 
 
 def _build_kdtree(points: np.ndarray):

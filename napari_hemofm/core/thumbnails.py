@@ -130,6 +130,10 @@ class ThumbnailCache:
         """The cached thumbnail of a cell, or ``None`` (never reads anything)."""
         return self._thumbs.get(cell_id)
 
+    def source_image(self, source: str) -> Any:
+        """A cell's whole source image, as thumbnails are cut from it (cached; may block)."""
+        return self._source(source)
+
     def _source(self, source: str) -> Any:
         from napari_hemofm.core.io import LazyRGBImage, read_image, to_rgb8
 

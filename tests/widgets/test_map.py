@@ -1,8 +1,8 @@
 """The Cell map dock widget: layout, colours, hover, selection both ways, strip, UMAP worker.
 
-Most tests put a precomputed ``obsm["X_umap"]`` with its matching cache key into the table,
-so the widget only confirms the fingerprint in its worker and UMAP is never compiled; one
-test runs the real path (synthetic smears -> detection -> embeddings -> UMAP worker).
+Most tests store a precomputed map with ``reduce.store_umap`` (keyed to the table's
+embeddings), so the widget only confirms the fingerprint in its worker and UMAP is never
+compiled; one test runs the real path (synthetic smears -> detection -> embeddings -> UMAP worker).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from qtpy.QtCore import QPoint, Qt
 from napari_hemofm._widgets._map import MISSING_ARGB, CellMapWidget
 from napari_hemofm._widgets._session import get_session
 from napari_hemofm.core.cells import CellTable
-from napari_hemofm.core.reduce import UMAP_DEFAULTS, embedding_fingerprint
+from napari_hemofm.core.reduce import embedding_fingerprint, store_umap
 
 CLASSES = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
 IMAGE_SHAPE = (300, 400)
@@ -53,9 +53,7 @@ def make_table(n: int = 400, seed: int = 0, *, with_umap: bool = True) -> CellTa
     table = CellTable()
     table.add_cells(frame, embeddings=emb)
     if with_umap:
-        key = {"fingerprint": embedding_fingerprint(table.embeddings), **UMAP_DEFAULTS}
-        table.update_meta(umap=key)
-        table.set_obsm("X_umap", xy.astype(np.float32))
+        store_umap(table, xy)
     return table
 
 
@@ -122,7 +120,7 @@ def test_label_and_prediction_share_colours_numeric_gets_colormap(map_widget):
     conf = w.table.obs["confidence"].to_numpy()
     lo, hi = np.argmin(conf), np.argmax(conf)
     assert w.canvas.colors[lo] != w.canvas.colors[hi]
-    assert w.legend_bar.isVisible() or not w.isVisible()
+    assert w.legend.bar.isVisible() or not w.isVisible()
     assert "confidence" in w.legend.text()
 
 
@@ -422,3 +420,174 @@ def test_large_layouts_build_the_kdtree_in_a_worker(map_widget, qtbot, monkeypat
     qtbot.waitUntil(lambda: w.canvas.tree_ready, timeout=10_000)
     x, y = w.table.adata.obsm["X_umap"][42]
     assert w.hover_at(float(x), float(y)) == 42
+
+
+# ------------------------------------------------------------------ issue 13: the map's tools
+def test_axes_are_labelled_for_each_plot_kind(map_widget, qtbot):
+    """UMAP, PCA and two columns each get their axis titles and tick values inside the
+    visible range; the PCA layout is the embeddings' first two principal components."""
+    w = map_widget
+    assert w.canvas.axis_labels == ("UMAP 1", "UMAP 2")
+    xs, ys = w.canvas.axis_ticks()
+    x0, y0, x1, y1 = w.canvas.view_rect()
+    assert 3 <= len(xs) <= 12
+    assert ((xs >= x0) & (xs <= x1)).all()
+    assert ((ys >= y0) & (ys <= y1)).all()
+    w.set_plot("pca")
+    assert w.shown_layout == "pca"
+    assert w.canvas.axis_labels == ("PC 1", "PC 2")
+    from napari_hemofm.core.reduce import compute_pca
+
+    np.testing.assert_allclose(w.canvas.positions, compute_pca(w.table.embeddings, 2), atol=1e-4)
+    w.set_plot("columns", "confidence", "x")
+    assert w.canvas.axis_labels == ("confidence", "x")
+    expected = w.table.obs[["confidence", "x"]].to_numpy(float)
+    # each column is drawn on [0, 1] of its range (its own unit); ticks are in its units
+    np.testing.assert_allclose(w.canvas.axis_values(w.canvas.positions), expected)
+    assert w.canvas.positions.min(axis=0) == pytest.approx([0, 0])
+    assert w.canvas.positions.max(axis=0) == pytest.approx([1, 1])
+    xs, ys = w.canvas.axis_ticks()
+    assert ys.max() > 10  # the image x coordinate: tens to hundreds of pixels
+    assert xs.max() <= 1.0
+    assert "confidence" in w.axis_columns()
+    assert "batch" not in w.axis_columns()  # categories never go on an axis
+    with pytest.raises(KeyError, match="no numeric column"):
+        w.set_plot("columns", "batch", "x")
+
+
+def test_columns_with_missing_values_are_left_out(map_widget):
+    """Cells without a value in a plotted column are not drawn; the status says so."""
+    w = map_widget
+    values = np.linspace(0, 1, w.table.n_cells)
+    values[:10] = np.nan
+    w.table.set_column("hue", values)
+    w.set_plot("columns", "hue", "confidence")
+    assert w.canvas.n_shown == w.table.n_cells - 10
+    assert f"{w.table.n_cells - 10:,} of {w.table.n_cells:,}" in w.status.text()
+
+
+def test_umap_form_parameters_recompute_the_map(map_widget, qtbot, monkeypatch):
+    """The magicgui form holds the stored map's parameters; changing neighbours and
+    pressing Recompute runs UMAP with them and stores the new key."""
+    from napari_hemofm.core import reduce
+
+    w = map_widget
+    assert w.umap_params == {"n_neighbors": 15, "min_dist": 0.1}
+    calls = []
+
+    def fake(X, **kw):
+        calls.append(kw)
+        return np.asarray(X[:, :2] * 2.0, np.float32)
+
+    monkeypatch.setattr(reduce, "compute_umap", fake)
+    w.set_umap_params(n_neighbors=7, min_dist=0.3)
+    w.set_color_by("batch")  # a redraw before Recompute keeps the map on show
+    assert w.shown_layout == "umap"
+    assert not w.is_computing
+    w.umap_form()  # the "Recompute UMAP" button
+    qtbot.waitUntil(lambda: not w.is_computing, timeout=10_000)
+    assert calls[-1]["n_neighbors"] == 7
+    assert calls[-1]["min_dist"] == pytest.approx(0.3)
+    assert w.table.meta["umap"]["n_neighbors"] == 7
+    np.testing.assert_allclose(w.canvas.positions, w.table.embeddings[:, :2] * 2.0)
+
+
+def test_pca_is_shown_while_umap_computes(map_widget, qtbot, monkeypatch):
+    """New embeddings: the PCA is on the canvas before the (slow) UMAP returns, then the
+    UMAP replaces it."""
+    from napari_hemofm.core import reduce
+
+    w = map_widget
+    release = threading.Event()
+
+    def slow(X, **kw):
+        release.wait(10)
+        return np.asarray(X[:, :2] + 100.0, np.float32)
+
+    monkeypatch.setattr(reduce, "compute_umap", slow)
+    w.table.set_embeddings(w.table.embeddings * 1.5)
+    qtbot.waitUntil(lambda: w.shown_layout == "pca", timeout=10_000)
+    assert w.canvas.axis_labels == ("PC 1", "PC 2")
+    assert "PCA is shown meanwhile" in w.status.text()
+    release.set()
+    qtbot.waitUntil(lambda: w.shown_layout == "umap" and not w.is_computing, timeout=10_000)
+    np.testing.assert_allclose(w.canvas.positions, w.table.embeddings[:, :2] + 100.0)
+
+
+def test_clustering_writes_a_column_that_colours_the_map(map_widget, qtbot):
+    """k-means with k=5 on the five blobs writes obs["cluster"] (5 groups, each one
+    blob), colours the map by it and lists it in "Colour by"; HDBSCAN also runs."""
+    w = map_widget
+    w.cluster_form.method.value = "kmeans"
+    w.cluster_form.n_clusters.value = 5
+    w.cluster_form()
+    qtbot.waitUntil(lambda: "cluster" in w.table.obs.columns, timeout=20_000)
+    qtbot.waitUntil(lambda: w.color_by == "cluster", timeout=5_000)
+    groups = w.table.obs["cluster"].astype(str).to_numpy()
+    truth = w.table.obs["prediction"].astype(str).to_numpy()  # the blob of each cell
+    assert len(set(groups)) == 5
+    assert len(set(zip(groups, truth, strict=True))) == 5
+    assert len(set(w.canvas.colors.tolist())) == 5
+    assert "cluster" in w.color_columns()
+    w.cluster("hdbscan", min_cluster_size=20)
+    qtbot.waitUntil(lambda: w._cluster_worker is None, timeout=20_000)
+    assert w.table.obs["cluster"].nunique() >= 2
+
+
+def test_legend_never_overflows(map_widget):
+    """A column with 40 categories shows at most MAX_LEGEND_ENTRIES legend entries (the
+    largest, then "N others") in a box of bounded height."""
+    from napari_hemofm._widgets._colors import LEGEND_MAX_HEIGHT, MAX_LEGEND_ENTRIES
+
+    w = map_widget
+    n = w.table.n_cells
+    w.table.set_column("donor", [f"donor {i % 40}" for i in range(n)])
+    w.set_color_by("donor")
+    text = w.legend.text()
+    assert text.count("&#9632;") <= MAX_LEGEND_ENTRIES
+    assert "others" in text
+    assert w.legend.height() <= LEGEND_MAX_HEIGHT
+    assert len(set(w.canvas.colors.tolist())) == 40  # every category keeps its colour
+
+
+def test_density_view_for_heavy_overlap(map_widget, qtbot):
+    """All cells on a few spots switch the map to the density view; the density image
+    counts points per pixel; the user's choice sticks."""
+    w = map_widget
+    assert not w.canvas.density  # 400 spread points
+    n = w.table.n_cells
+    crowded = np.repeat(np.array([[0.0, 0.0], [1.0, 1.0]]), n // 2, axis=0)
+    crowded += np.random.default_rng(0).normal(scale=1e-3, size=crowded.shape)
+    from napari_hemofm.core.reduce import store_umap
+
+    store_umap(w.table, crowded)
+    assert w.canvas.overlap() > 6
+    assert w.canvas.density
+    assert w.density_button.isChecked()
+    assert w.canvas.density_counts().sum() == n
+    assert "cells per spot" in w.legend.text()
+    image_density = w.canvas.render_image()
+    w.set_density(False)
+    assert not w.canvas.density
+    assert w.canvas.render_image() != image_density
+    store_umap(w.table, crowded * 2)
+    assert not w.canvas.density  # chosen by the user: kept
+
+
+def test_export_png_and_svg(map_widget, tmp_path):
+    """The plot exports as a PNG of the canvas size and as an SVG with one marker per
+    drawn cell, the axis titles and the legend entries; other suffixes are refused."""
+    from PIL import Image
+
+    w = map_widget
+    w.set_color_by("label")
+    png = w.export_plot(tmp_path / "map.png")
+    with Image.open(png) as image:
+        assert image.size[0] >= w.canvas.width() > 0
+    svg = w.export_plot(tmp_path / "map.svg").read_text()
+    assert svg.lstrip().startswith("<?xml")
+    assert "UMAP 1" in svg
+    assert "neutrophil" in svg
+    assert svg.count("<use ") >= w.canvas.n_shown
+    with pytest.raises(ValueError, match=r"\.png or \.svg"):
+        w.export_plot(tmp_path / "map.pdf")
