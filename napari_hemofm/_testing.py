@@ -100,7 +100,9 @@ def make_cell_frame(
     if predictions:
         data["prediction"] = truth
         data["confidence"] = rng.uniform(0.2, 1.0, n)
-    index = pd.Index([f"{name}/smear.png#{i}" for i, name in enumerate(batch_names)], name="cell_id")
+    index = pd.Index(
+        [f"{name}/smear.png#{i}" for i, name in enumerate(batch_names)], name="cell_id"
+    )
     return pd.DataFrame(data, index=index), X.astype(np.float32), truth
 
 

@@ -33,6 +33,7 @@ UMAP_KEY = "X_umap"
 OBS_COLUMNS: dict[str, str] = {
     "source": "object",
     "batch": "category",
+    "slide": "category",
     "x": "float64",
     "y": "float64",
     "x0": "int64",
@@ -111,7 +112,8 @@ class CellTable:
 
     Notes
     -----
-    ``adata.obs`` is indexed by ``cell_id`` (``"<batch>/<relative path>#<n>"``) and
+    ``adata.obs`` is indexed by ``cell_id`` (``"<input name>/<relative path>#<n>"``,
+    assigned once, never from the batch) and
     holds the columns in :data:`OBS_COLUMNS`. ``obsm["X_embed"]`` holds the float32
     embeddings of shape ``(n_cells, dim)`` once the cells are embedded; ``adata.X``
     stays ``(n_cells, 0)``. ``uns["hemofm"]`` holds the schema version, model
@@ -354,12 +356,13 @@ class CellTable:
                 raise ValueError(f"got {len(values)} labels for {len(ids)} cells")
         values = list(clean_labels(values))
         pos = self.positions(ids)
-        if self.journal is not None:
-            # on disk before the change exists anywhere else: an acknowledged label survives
-            self.journal.append(ids, values, origin=origin)
         obs = self.obs
         previous = obs["label"].iloc[pos].astype(object).copy()
         previous.index = pd.Index(ids, name="cell_id")
+        if self.journal is not None:
+            # on disk before the change exists anywhere else: an acknowledged label
+            # survives; "old" lets the journal tell who changed what from what
+            self.journal.append(ids, values, origin=origin, old=previous.tolist())
         new_classes = [v for v in dict.fromkeys(values) if v is not None]
         self._register_classes(new_classes)
         for name in ("label", "label_origin"):
@@ -547,11 +550,20 @@ class CellTable:
         return save_project(self, path)
 
     @classmethod
-    def load(cls, path: str | Path) -> CellTable:
-        """Read a project file written by :meth:`save` (see :func:`~.io.load_project`)."""
+    def load(cls, path: str | Path, **kwargs: Any) -> CellTable:
+        """Read a project file written by :meth:`save` (see :func:`~.io.load_project`).
+
+        Keyword arguments (``mode``, ``images_root``, ``wait``) go to ``load_project``.
+        """
         from napari_hemofm.core.io import load_project
 
-        return load_project(path)
+        return load_project(path, **kwargs)
+
+    def close(self) -> None:
+        """Release the project's write lock (see :func:`~.io.close_project`)."""
+        from napari_hemofm.core.io import close_project
+
+        close_project(self)
 
     def to_frame(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Copy of ``obs`` (all columns, or ``columns``) with ``cell_id`` as a column."""

@@ -6,7 +6,7 @@ widget only calls it. It wraps a :class:`~.cells.CellTable`:
 - every :meth:`Review.relabel` is one undoable step, written through
   :meth:`CellTable.set_labels` (so the label journal of a project file records it
   before it is applied);
-- the probe (:class:`~.classify.LiveProbe`, kNN or linear) follows every label
+- the probe (:class:`~.probe.LiveProbe`, kNN or linear) follows every label
   change, whoever made it (the gallery, a key in the viewer, the map's lasso, a
   script): changes are collected and :meth:`Review.retrain` brings predictions up to
   date incrementally. The GUI runs the work part (:meth:`Review.retrain_step`) in a
@@ -36,22 +36,33 @@ import pandas as pd
 from psygnal import Signal, SignalGroup
 
 from napari_hemofm.core.report import (
+    DEFAULT_TARGET,
     NOT_CLASSED,
-    THRESHOLD_KEY,
     UNIDENTIFIED,
     UNLABELLED,
     GroupBy,
+    counted_cells,
     counted_labels,
     differential_counts,
     differential_summary,
     sign_off,
+    store_threshold,
+    stored_threshold,
+    verify_sign_off,
 )
 
 if TYPE_CHECKING:
     from napari_hemofm.core.cells import CellTable
-    from napari_hemofm.core.classify import LiveProbe, ProbeUpdate
+    from napari_hemofm.core.probe import LiveProbe, ProbeUpdate
 
-__all__ = ["NOT_CLASSED", "UNIDENTIFIED", "UNLABELLED", "Review", "ReviewEvents"]
+__all__ = [
+    "NOT_CLASSED",
+    "UNIDENTIFIED",
+    "UNLABELLED",
+    "Review",
+    "ReviewEvents",
+    "least_sure_keys",
+]
 
 ProbeKind = Literal["knn", "linear"]
 Metric = Literal["euclidean", "cosine"]
@@ -65,7 +76,7 @@ class ReviewEvents(SignalGroup):
     predictions_changed = Signal(object)
     """``(rows,)``: int64 row positions whose prediction / confidence changed."""
     metrics_changed = Signal(object)
-    """``(metrics,)``: the dict of :func:`~.classify.probe_metrics` (``{}`` when none)."""
+    """``(metrics,)``: the dict of :func:`~.evaluation.probe_metrics` (``{}`` when none)."""
     settings_changed = Signal()
     """The threshold, the probe kind or the class list changed."""
 
@@ -117,7 +128,8 @@ class Review:
         Distance of the kNN probe.
     threshold : float, optional
         Predictions with a confidence below it put the cell in "Unidentified";
-        default: the threshold saved with the project, else 0.5.
+        default: the threshold saved with the project, else
+        :data:`~.report.DEFAULT_THRESHOLD` (a saved 0 stays 0).
     k : int
         Neighbours of the kNN probe.
 
@@ -145,15 +157,26 @@ class Review:
         self._kind: ProbeKind = probe
         self._metric: Metric = metric
         self._k = int(k)
-        stored = table.meta.get(THRESHOLD_KEY)
-        self._threshold = float(threshold if threshold is not None else (stored or 0.5))
+        self._threshold = float(threshold if threshold is not None else stored_threshold(table))
         self.probe: LiveProbe | None = None
         #: Labelled cells from elsewhere (a saved probe's training set) that the probe
         #: learns from besides this table's labels: ``(X, labels, name)`` or None.
         self.reference: tuple[np.ndarray, np.ndarray, str] | None = None
         #: How :meth:`label_next` picks cells (``"uncertain"`` or ``"hybrid"``, see
-        #: :func:`~.classify.label_next`).
-        self.queue_strategy: Literal["uncertain", "hybrid"] = "uncertain"
+        #: :func:`~.queues.label_next`).
+        self.queue_strategy: Literal["uncertain", "hybrid", "typical"] = "uncertain"
+        #: Obs column whose groups the probe aligns by their labelled cells' class
+        #: means (:mod:`~.alignment`: a new lab's first labels move its cells onto
+        #: the reference frame), or None for raw embeddings. Default: "batch" for the
+        #: kNN probe, None for the linear one, which learns a new lab's own class
+        #: boundaries from raw embeddings better (measured in ``docs/probes.md``);
+        #: setting :attr:`probe_kind` resets it to the kind's default.
+        self.align_by: str | None = _default_align(probe)
+        #: Default ``scope`` of :meth:`label_next` (e.g. ``{"batch": "lab B"}``), for a
+        #: panel that scopes its queue; None = all cells.
+        self.queue_scope: dict[str, Any] | None = None
+        self._offsets: dict[str, np.ndarray] = {}
+        self._offset_counts: dict[str, int] = {}
         self._undo: list[_Step] = []
         self._redo: list[_Step] = []
         self._pending: dict[int, None] = {}
@@ -168,19 +191,65 @@ class Review:
 
     # ----------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str | Path, **kwargs: Any) -> Review:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        mode: Literal["w", "r"] | None = None,
+        images_root: str | Path | None = None,
+        wait: float = 0.0,
+        **kwargs: Any,
+    ) -> Review:
         """Open a project file (its label journal is replayed) for review.
+
+        Opening for writing takes the project's lock (one writer at a time, see
+        :mod:`~.lock`); :meth:`close` releases it.
 
         Parameters
         ----------
         path : str or Path
             An ``.h5ad`` project written by ``hemofm embed`` or the napari plugin.
+        read_only : bool
+            Open without the lock: labels can be read, not changed (relabel, undo and
+            save raise :class:`~.journal.ProjectReadOnlyError`).
+        mode : {"w", "r"}, optional
+            Same as ``read_only`` (``"r"``), as in :func:`~.io.load_project`.
+        images_root : str or Path, optional
+            Where the images are when their stored paths do not exist any more.
+        wait : float
+            Seconds to wait for another process to close the project.
         **kwargs
             Passed to :class:`Review`.
-        """
-        from napari_hemofm.core.io import load_project
 
-        return cls(load_project(path), **kwargs)
+        Raises
+        ------
+        ProjectLockedError
+            When another process has the project open for writing (the message names
+            it); open with ``read_only=True`` to look at it meanwhile.
+        """
+        from napari_hemofm.core.io import close_project, load_project
+
+        mode = mode or ("r" if read_only else "w")
+        table = load_project(path, mode=mode, images_root=images_root, wait=wait)
+        try:
+            review = cls(table, **kwargs)
+        except BaseException:
+            close_project(table)
+            raise
+        review._owns_table = True
+        return review
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the project was opened read-only (labels cannot change)."""
+        journal = self.table.journal
+        return journal is not None and journal.read_only
+
+    def _check_writable(self) -> None:
+        journal = self.table.journal
+        if journal is not None:
+            journal._check_writable()  # ProjectReadOnlyError naming the holder
 
     def save(self, path: str | Path | None = None) -> Path:
         """Save the project (the journal is emptied once the file holds every label).
@@ -193,6 +262,7 @@ class Review:
         from napari_hemofm.core.io import save_project
 
         if path is None:
+            self._check_writable()
             if self.table.journal is None:
                 raise ValueError("this table was never saved: give a path")
             path = self.table.journal.path.with_name(
@@ -201,7 +271,11 @@ class Review:
         return save_project(self.table, path)
 
     def close(self) -> None:
-        """Stop following the table's signals."""
+        """Stop following the table's signals; release the lock :meth:`open` took."""
+        if getattr(self, "_owns_table", False):
+            from napari_hemofm.core.io import close_project
+
+            close_project(self.table)
         ev = self.table.events
         for sig, slot in (
             (ev.labels_changed, self._on_labels_changed),
@@ -221,11 +295,7 @@ class Review:
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        value = float(value)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1]; got {value}")
-        self._threshold = value
-        self.table.update_meta(**{THRESHOLD_KEY: value})
+        self._threshold = store_threshold(self.table, value)
         self.events.settings_changed.emit()
 
     @property
@@ -239,6 +309,7 @@ class Review:
             raise ValueError(f"probe must be 'knn' or 'linear'; got {kind!r}")
         if kind != self._kind:
             self._kind = kind
+            self.align_by = _default_align(kind)
             self._needs_full = True
             self.events.settings_changed.emit()
 
@@ -269,13 +340,49 @@ class Review:
         classes = self.classes
         return classes[key - 1] if 1 <= key <= min(9, len(classes)) else None
 
-    def add_class(self, name: str) -> None:
-        """Append a class to the list (it gets the next number key)."""
+    def add_class(self, name: str, kind: str | None = None) -> None:
+        """Append a class to the list (it gets the next number key).
+
+        Parameters
+        ----------
+        name : str
+        kind : {"wbc", "non_wbc", "not_classed"}, optional
+            How the differential counts it; default: what the class catalogue says
+            (a name it does not know is a white cell).
+        """
+        from napari_hemofm.core.catalogue import set_custom_class
+
         name = _check_name(name)
         if name in self.table.classes:
             raise ValueError(f"there is already a class {name!r}")
+        if kind is not None:
+            set_custom_class(self.table, name, kind)  # type: ignore[arg-type]
         self.table.set_classes([*self.table.classes, name])
         self.events.settings_changed.emit()
+
+    @property
+    def preset(self) -> str:
+        """The project's class preset (see :mod:`~.catalogue`)."""
+        from napari_hemofm.core.catalogue import project_preset
+
+        return project_preset(self.table).name
+
+    def apply_preset(self, name: str) -> list[str]:
+        """Fill the class bar from a preset (labels in use keep their spelling).
+
+        Not an undo step: no label changes. See :func:`~.catalogue.apply_preset`.
+        """
+        from napari_hemofm.core.catalogue import apply_preset
+
+        classes = apply_preset(self.table, name)
+        self.events.settings_changed.emit()
+        return classes
+
+    def class_kind(self, name: str) -> str:
+        """``wbc``, ``non_wbc`` or ``not_classed``: how the differential counts a class."""
+        from napari_hemofm.core.catalogue import resolve
+
+        return resolve(self.table, name).kind
 
     def rename_class(self, old: str, new: str) -> None:
         """Rename a class: its cells are relabelled, it keeps its key. One undo step."""
@@ -304,6 +411,7 @@ class Review:
         self._class_step(before, after, dict.fromkeys(sources, target))
 
     def _class_step(self, before: list[str], after: list[str], mapping: dict[str, str]) -> None:
+        self._check_writable()
         label = self.table.obs["label"].astype(object)
         ids = label.index[label.isin(list(mapping))].tolist()
         step = _Step(classes_before=list(before), classes_after=list(after))
@@ -347,6 +455,7 @@ class Review:
         list of str
             Ids of the cells whose label changed (cells that had it already are skipped).
         """
+        self._check_writable()
         ids = self._ids(cells)
         if label is not None:
             label = _check_name(label)
@@ -388,6 +497,7 @@ class Review:
         """
         if not self._undo:
             return False
+        self._check_writable()
         step = self._undo.pop()
         if step.classes_before is not None:
             # the old class names must exist before cells take them back
@@ -406,6 +516,7 @@ class Review:
         """Redo the last undone step. Returns ``False`` when there is nothing to redo."""
         if not self._redo:
             return False
+        self._check_writable()
         step = self._redo.pop()
         if step.classes_after is not None:
             self.table.set_classes(_union(step.classes_before, step.classes_after))
@@ -435,6 +546,9 @@ class Review:
         n = self.table.n_cells
         if n and self.table.obs["prediction"].notna().any():
             self.table.set_predictions(None, [None] * n, np.full(n, np.nan))
+            if "typicality" in self.table.obs:  # the guard judges predictions only
+                self.table.set_column("typicality", np.full(n, np.nan))
+                self.table.set_column("atypical", np.zeros(n, dtype=bool))
             self.events.predictions_changed.emit(np.arange(n, dtype=np.int64))
 
     def _restore(self, change: _Change) -> None:
@@ -496,6 +610,9 @@ class Review:
         if X is None:
             return lambda: None
         X, labels = self._with_reference(X, self._labels_array())
+        if self._estimate_offsets(X, labels, full):
+            full = True  # the cells moved: every neighbour list / fit changes
+        X = self._aligned(X)
         k = self.effective_k(labels)
         probe = self.probe
         if probe is not None and self._kind == "knn" and probe.k != k:
@@ -508,7 +625,7 @@ class Review:
         lock, model = self._probe_lock, self.table.meta.get("model")
 
         def work() -> Any:
-            from napari_hemofm.core.classify import LiveProbe
+            from napari_hemofm.core.probe import LiveProbe
 
             if snap.full:
                 named = {v for v in snap.labels if v is not None}
@@ -516,13 +633,65 @@ class Review:
                     return _NoProbe(snap.n_cells)
                 new = LiveProbe(kind, k=k, metric=metric)
                 new.model = model
-                return (new, new.fit(snap.X, snap.labels))
+                update = new.fit(snap.X, snap.labels)
+                new.refresh_guard()  # typicality of every cell (out-of-domain guard)
+                return (new, update)
             if len(snap.rows) == 0:
                 return (probe, None)
             with lock:
-                return (probe, probe.update(snap.rows, snap.new_labels))
+                update = probe.update(snap.rows, snap.new_labels)
+                probe.refresh_guard()  # only rows whose prediction or class moved
+                return (probe, update)
 
         return work
+
+    def _groups(self) -> np.ndarray:
+        """The alignment group of each probe row (table cells, then reference cells)."""
+        obs = self.table.obs
+        col = self.align_by if self.align_by in obs else None
+        g = obs[col].astype(str).to_numpy(dtype=object) if col else np.full(len(obs), "")
+        if self.reference is not None:
+            g = np.concatenate([g, np.full(self._n_reference, "\0reference", dtype=object)])
+        return g
+
+    def _estimate_offsets(self, X: np.ndarray, labels: np.ndarray, full: bool) -> bool:
+        """Re-estimate the per-group offsets when due; True when they changed.
+
+        Due on a full refit and whenever a group's labelled count doubles or halves
+        since the last estimate (1, 2, 4, 8 ... labels): each estimate moves cells and
+        costs a full refit, so a new lab triggers O(log n) of them, not one per label.
+        """
+        if self.align_by is None:
+            changed = bool(self._offsets)
+            self._offsets, self._offset_counts = {}, {}
+            return changed
+        from napari_hemofm.core.alignment import class_mean_offsets
+
+        groups = self._groups()
+        named = np.not_equal(labels, None)
+        names, counts = np.unique(groups[named].astype(str), return_counts=True)
+        now = dict(zip(names.tolist(), counts.tolist(), strict=True))
+        due = full or not self._offset_counts
+        for g in set(now) | set(self._offset_counts):
+            before, after = self._offset_counts.get(g, 0), now.get(g, 0)
+            if after != before and (before == 0 or after >= 2 * before or 2 * after <= before):
+                due = True
+        if not due:
+            return False
+        new = class_mean_offsets(X, labels, groups)
+        self._offset_counts = now
+        old, self._offsets = self._offsets, {g: v for g, v in new.items() if np.any(v)}
+        return set(old) != set(self._offsets) or any(
+            not np.array_equal(old[g], self._offsets[g]) for g in old
+        )
+
+    def _aligned(self, X: np.ndarray) -> np.ndarray:
+        """``X`` (probe rows) moved by the current group offsets (``X`` itself if none)."""
+        if not self._offsets:
+            return X
+        from napari_hemofm.core.alignment import align
+
+        return align(X, self._groups(), self._offsets)
 
     def effective_k(self, labels: np.ndarray | None = None) -> int:
         """Neighbours the kNN probe uses now: ``k``, or fewer while few cells are labelled.
@@ -567,8 +736,45 @@ class Review:
             update = type(update)(rows, update.prediction[keep], update.confidence[keep], False)
         if len(rows) and not update.full:
             self.table.set_predictions(rows, update.prediction, update.confidence)
+        self._write_guard(probe)
         if len(rows):
             self.events.predictions_changed.emit(rows)
+
+    def _write_guard(self, probe: LiveProbe) -> None:
+        """Write the guard's ``typicality`` / ``atypical`` columns (see :mod:`~.guard`)."""
+        from napari_hemofm.core.guard import ATYPICAL_COLUMN, TYPICALITY_COLUMN
+
+        n = self.table.n_cells
+        if len(probe.typicality) < n:
+            return
+        p = probe.typicality[:n].astype(np.float64)
+        flag = probe.atypical[:n].astype(bool)
+        obs = self.table.obs
+        if TYPICALITY_COLUMN in obs and ATYPICAL_COLUMN in obs:
+            old_p = pd.to_numeric(obs[TYPICALITY_COLUMN], errors="coerce").to_numpy(float)
+            same = (old_p == p) | (np.isnan(old_p) & np.isnan(p))
+            if same.all() and np.array_equal(obs[ATYPICAL_COLUMN].to_numpy(bool), flag):
+                return
+        self.table.set_column(TYPICALITY_COLUMN, p)
+        self.table.set_column(ATYPICAL_COLUMN, flag)
+
+    def warnings(self, by: str = "batch") -> dict[str, str]:
+        """Shift warnings of the groups whose cells differ from the probe's training cells.
+
+        Parameters
+        ----------
+        by : str
+            Any obs column (``"batch"``, ``"slide"``, ``"source"``).
+
+        Returns
+        -------
+        dict of str to str
+            group -> warning, shifted groups only (see
+            :func:`~.guard.shift_warnings`; empty before the first retrain).
+        """
+        from napari_hemofm.core.guard import shift_warnings
+
+        return shift_warnings(self.table, by)
 
     def _with_reference(self, X: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The probe's rows: the table's cells, then the reference cells (if any).
@@ -590,7 +796,7 @@ class Review:
         """Learn also from the labelled cells of a saved probe (e.g. another lab's).
 
         The probe file's training cells (embeddings and labels, see
-        :meth:`~.classify.LiveProbe.training_data`) join this table's labelled cells
+        :meth:`~.probe.LiveProbe.training_data`) join this table's labelled cells
         as voters / training data; they are never shown or counted. This is how a
         probe trained on one project predicts another, and then adapts as cells of
         the new project are labelled. ``None`` drops the reference.
@@ -612,7 +818,7 @@ class Review:
             this table's, or it was saved with the cosine metric while this review uses
             Euclidean distances.
         """
-        from napari_hemofm.core.classify import LiveProbe
+        from napari_hemofm.core.probe import LiveProbe
 
         if probe is None:
             self.reference = None
@@ -646,7 +852,7 @@ class Review:
         """Bring the probe and every prediction up to date now (blocking).
 
         Incremental after the first fit: only the cells whose prediction can change
-        are recomputed (see :class:`~.classify.LiveProbe`).
+        are recomputed (see :class:`~.probe.LiveProbe`).
         """
         result = self.retrain_step()()
         self.apply_result(result)
@@ -659,7 +865,7 @@ class Review:
         kind, metric, k = self._kind, self._metric, self.effective_k(labels)
 
         def work() -> dict[str, Any]:
-            from napari_hemofm.core.classify import probe_metrics
+            from napari_hemofm.core.evaluation import probe_metrics
 
             if X is None:
                 return {"note": "no embeddings yet"}
@@ -687,7 +893,7 @@ class Review:
         Returns
         -------
         dict
-            See :func:`~.classify.probe_metrics`: accuracy, balanced_accuracy,
+            See :func:`~.evaluation.probe_metrics`: accuracy, balanced_accuracy,
             weighted_f1, confusion, classes, counts (higher is better for the scores).
         """
         metrics = self.metrics_step()()
@@ -699,9 +905,10 @@ class Review:
         """The gallery section of cells.
 
         A curated label puts a cell in its class (or :data:`NOT_CLASSED`); otherwise a
-        prediction with confidence >= :attr:`threshold` puts it in the predicted
-        class; a prediction below it, :data:`UNIDENTIFIED`; no prediction,
-        :data:`UNLABELLED`.
+        prediction with confidence >= :attr:`threshold` of a cell typical of the
+        labelled cells puts it in the predicted class; a prediction below it or an
+        atypical cell, :data:`UNIDENTIFIED` (the differential's rule,
+        :func:`~.report.counted_cells`); no prediction, :data:`UNLABELLED`.
 
         Parameters
         ----------
@@ -733,10 +940,39 @@ class Review:
         return {name: np.flatnonzero(section == name).astype(np.int64) for name in order}
 
     def status(self) -> pd.DataFrame:
-        """Per cell: ``cell_id``, ``label``, ``prediction``, ``confidence``, ``section``."""
+        """Where each cell is and why: one row per cell.
+
+        Columns ``cell_id``, ``label``, ``prediction``, ``confidence``, ``section`` and
+        ``reason``, which says why a cell is :data:`UNIDENTIFIED` (``"low confidence"``,
+        ``"unlike the labelled cells"``), ``""`` otherwise.
+        """
         frame = self.table.to_frame(["label", "prediction", "confidence"])
         frame["section"] = self.section_of()
+        reason = counted_cells(self.table, threshold=self._threshold)["reason"].to_numpy()
+        frame["reason"] = np.where(frame["section"].to_numpy() == UNIDENTIFIED, reason, "")
         return frame
+
+    def least_sure_first(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Sort keys of cells, least sure first (the gallery's "Least sure first" order).
+
+        Parameters
+        ----------
+        rows : ndarray of int, optional
+            Row positions (default: all cells).
+
+        Returns
+        -------
+        ndarray of float64, shape (n,)
+            Ascending = shown first; see :func:`least_sure_keys`.
+        """
+        obs = self.table.obs
+        if rows is not None:
+            obs = obs.iloc[np.asarray(rows, dtype=np.int64)]
+        label = obs["label"].astype(object).to_numpy()
+        pred = obs["prediction"].astype(object).to_numpy()
+        conf = pd.to_numeric(obs["confidence"], errors="coerce").to_numpy(dtype=np.float64)
+        disagree = pd.notna(label) & pd.notna(pred) & (label != pred)
+        return least_sure_keys(conf, disagree)
 
     def _features(self) -> tuple[np.ndarray, np.ndarray]:
         X = self.table.embeddings
@@ -749,7 +985,8 @@ class Review:
         n: int = 20,
         *,
         seed: int = 0,
-        strategy: Literal["uncertain", "hybrid"] | None = None,
+        strategy: Literal["uncertain", "hybrid", "typical"] | None = None,
+        scope: dict[str, Any] | None = None,
     ) -> list[str]:
         """Unlabelled cells to label next: where the probe is least sure, spread over the map.
 
@@ -758,14 +995,33 @@ class Review:
         which finds cells a probe is confidently wrong about in a new lab (measured in
         ``docs/probes.md``).
 
+        ``scope`` (default :attr:`queue_scope`) limits the picks to some cells, e.g.
+        ``{"batch": "lab B"}`` or ``{"slide": ["s1", "s2"]}`` (obs column -> value or
+        list of values; all items must match). A scoped queue starts with one cell of
+        every class the probe predicts in the scope (see :func:`~.queues.label_next`,
+        ``cover``) and, unless ``strategy`` is given, uses ``"hybrid"``: a new lab's
+        cells are where the probe is confidently wrong.
+
+        Raises
+        ------
+        ValueError
+            If ``scope`` names a column the cells do not have, or matches no cell.
+
         Returns
         -------
         list of str
-            Up to ``n`` cell ids (see :func:`~.classify.label_next`).
+            Up to ``n`` cell ids (see :func:`~.queues.label_next`).
         """
-        from napari_hemofm.core.classify import label_next
+        from napari_hemofm.core.queues import label_next
 
         X, labels = self._with_reference(*self._features())
+        X = self._aligned(X)
+        scope = scope if scope is not None else self.queue_scope
+        mask = self.scope_mask(scope) if scope else None
+        if strategy is None and scope:
+            strategy = "hybrid"
+        if mask is not None and self.reference is not None:
+            mask = np.concatenate([mask, np.zeros(self._n_reference, dtype=bool)])
         coords = self.table.adata.obsm.get("X_umap")
         if coords is not None and self.reference is not None:
             coords = np.concatenate([coords, np.full((self._n_reference, 2), np.nan)])
@@ -778,10 +1034,34 @@ class Review:
                 seed=seed,
                 coords=coords,
                 strategy=strategy or self.queue_strategy,
+                scope=mask,
             )
         rows = np.asarray(rows, dtype=np.int64)
         rows = rows[rows < self.table.n_cells]  # reference cells are labelled anyway
         return self.table.cell_ids[np.asarray(rows, dtype=np.int64)].tolist()
+
+    def scope_mask(self, scope: dict[str, Any]) -> np.ndarray:
+        """Which cells a scope (obs column -> value or list of values) holds.
+
+        Returns
+        -------
+        ndarray of shape (n_cells,), bool
+
+        Raises
+        ------
+        ValueError
+            If a column is missing or no cell matches.
+        """
+        obs = self.table.obs
+        mask = np.ones(len(obs), dtype=bool)
+        for col, value in scope.items():
+            if col not in obs:
+                raise ValueError(f"no column {col!r} to scope by; columns are {list(obs.columns)}")
+            values = [value] if isinstance(value, str) or np.isscalar(value) else list(value)
+            mask &= obs[col].astype(str).isin([str(v) for v in values]).to_numpy()
+        if not mask.any():
+            raise ValueError(f"no cell matches the scope {scope}")
+        return mask
 
     def suspects(self, n: int = 20) -> list[str]:
         """Labelled cells whose cross-validated prediction disagrees with their label.
@@ -790,9 +1070,9 @@ class Review:
         -------
         list of str
             Up to ``n`` cell ids, most confident disagreement first (see
-            :func:`~.classify.suspect_labels`).
+            :func:`~.queues.suspect_labels`).
         """
-        from napari_hemofm.core.classify import suspect_labels
+        from napari_hemofm.core.queues import suspect_labels
 
         X, labels = self._features()
         k = self.effective_k(labels)
@@ -800,19 +1080,68 @@ class Review:
         return self.table.cell_ids[found["row"].to_numpy(dtype=np.int64)].tolist()
 
     def differential(self, by: GroupBy = "source") -> pd.DataFrame:
-        """Long-format differential counts per group (see :func:`~.report.differential_counts`)."""
+        """Long-format differential counts per group (see :func:`~.report.differential_counts`).
+
+        ``by`` is any ``obs`` column (``source``, ``batch``, ``slide``, ...).
+        """
         return differential_counts(self.table, by, threshold=self._threshold)
 
-    def differential_summary(self, by: GroupBy = "source", target: int = 100) -> pd.DataFrame:
-        """Per-group progress and sign-off state (see :func:`~.report.differential_summary`)."""
+    def differential_summary(
+        self, by: GroupBy = "source", target: int = DEFAULT_TARGET
+    ) -> pd.DataFrame:
+        """Per-group progress, warnings and sign-off state.
+
+        See :func:`~.report.differential_summary`.
+        """
         return differential_summary(self.table, by, threshold=self._threshold, target=target)
 
-    def sign_off(
-        self, group: str, by: GroupBy = "source", *, user: str | None = None, target: int = 100
+    def verify_sign_off(
+        self, group: str, by: GroupBy = "source", *, user: str | None = None
     ) -> dict[str, Any]:
-        """Sign off a group's differential (refused while it has Unidentified cells)."""
+        """A second reader (another user) verifies a group's sign-off.
+
+        See :func:`~.report.verify_sign_off`.
+        """
+        record = verify_sign_off(self.table, group, by, user=user, threshold=self._threshold)
+        self.events.settings_changed.emit()
+        return record
+
+    def export_report(
+        self,
+        path: str | Path,
+        by: GroupBy = "source",
+        *,
+        target: int = DEFAULT_TARGET,
+        **kwargs: Any,
+    ) -> Path:
+        """Write the printable HTML report (see :func:`~.report_html.write_report_html`)."""
+        from napari_hemofm.core.report_html import write_report_html
+
+        return write_report_html(
+            self.table, path, by=by, threshold=self._threshold, target=target, **kwargs
+        )
+
+    def sign_off(
+        self,
+        group: str,
+        by: GroupBy = "source",
+        *,
+        user: str | None = None,
+        target: int = DEFAULT_TARGET,
+        override: str | None = None,
+    ) -> dict[str, Any]:
+        """Sign off a group's differential (see :func:`~.report.sign_off` for the rules).
+
+        ``override`` is the written reason for signing despite a shift warning.
+        """
         record = sign_off(
-            self.table, group, by, user=user, threshold=self._threshold, target=target
+            self.table,
+            group,
+            by,
+            user=user,
+            threshold=self._threshold,
+            target=target,
+            override=override,
         )
         self.events.settings_changed.emit()
         return record
@@ -829,11 +1158,39 @@ class Review:
         return list(dict.fromkeys(ids))
 
 
+def least_sure_keys(confidence: np.ndarray, disagree: np.ndarray) -> np.ndarray:
+    """Sort keys of the "Least sure first" order (ascending = shown first).
+
+    Parameters
+    ----------
+    confidence : ndarray of float, shape (n,)
+        The probe's confidence in its prediction (NaN: no prediction).
+    disagree : ndarray of bool, shape (n,)
+        The cell has a curated label and the probe predicts another class.
+
+    Returns
+    -------
+    ndarray of float64, shape (n,)
+        The confidence; ``1 - confidence`` for a curated cell the probe puts in another
+        class (the surer the probe, the more it needs a look); 2 (last) without a
+        prediction.
+    """
+    conf = np.asarray(confidence, dtype=np.float64)
+    key = np.where(np.isfinite(conf), conf, 2.0)
+    key = np.where(np.asarray(disagree, dtype=bool), 1.0 - np.nan_to_num(conf, nan=0.0), key)
+    return key.astype(np.float64)
+
+
 class _NoProbe:
     """Result of a retrain with fewer than two labelled classes: no predictions."""
 
     def __init__(self, n_cells: int) -> None:
         self.n_cells = n_cells
+
+
+def _default_align(kind: str) -> str | None:
+    """The default :attr:`Review.align_by` of a probe kind."""
+    return "batch" if kind == "knn" else None
 
 
 def _clean(value: Any) -> str | None:

@@ -198,5 +198,5 @@ def test_save_replaces_the_file_atomically(tmp_path):
     path = table.save(tmp_path / "p.h5ad")
     table.set_labels(["lab/a.png#0"], "lymphocyte")
     table.save(path)
-    assert CellTable.load(path).column("label").tolist()[0] == "lymphocyte"
+    assert CellTable.load(path, mode="r").column("label").tolist()[0] == "lymphocyte"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5ad", "p.labels.jsonl"]

@@ -29,7 +29,8 @@ def test_labels_are_kept_as_written_apart_from_outer_space():
 def test_clean_labels_checks_length_and_refuses_one_string():
     """The vector form raises on a length mismatch and on a bare string."""
     out = clean_labels(pd.Series(["a", pd.NA, None, " b"]))
-    assert out.dtype == object and list(out) == ["a", None, None, "b"]
+    assert out.dtype == object
+    assert list(out) == ["a", None, None, "b"]
     with pytest.raises(ValueError, match="got 2 labels for 3 cells"):
         clean_labels(["a", "b"], n=3)
     with pytest.raises(TypeError):
@@ -47,4 +48,5 @@ def test_set_labels_with_missing_values_creates_no_class(value):
     table.set_labels(ids[:2], [value, value])
     assert table.obs.loc[ids, "label"].isna().all()
     assert list(table.obs["label"].cat.categories) == before
-    assert "<NA>" not in table.classes and "nan" not in table.classes
+    assert "<NA>" not in table.classes
+    assert "nan" not in table.classes
