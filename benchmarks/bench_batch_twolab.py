@@ -25,9 +25,7 @@ and written there (default: a temporary file).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,26 +39,6 @@ METHODS = ("none", "centre", "combat", "harmony")
 BLIND = ("centre", "combat")
 
 
-def build_project(path: Path) -> None:
-    for name in ("pbc_dev", "bccd_crops"):
-        if not (DATA / name).is_dir():
-            sys.exit(f"{DATA / name} not found: this benchmark needs ../shared/data")
-    cmd = [
-        sys.executable,
-        "-m",
-        "napari_hemofm.cli",
-        "embed",
-        str(DATA / "pbc_dev"),
-        str(DATA / "bccd_crops"),
-        "--model",
-        "handcrafted",
-        "--out",
-        str(path),
-    ]
-    print("building the project:", " ".join(cmd), file=sys.stderr)
-    subprocess.run(cmd, check=True)
-
-
 def fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -72,16 +50,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from labs import two_lab_project
+
     from napari_hemofm.core import batch as bm
     from napari_hemofm.core.cells import CellTable
 
-    tmp = None
-    path = args.project
-    if path is None:
-        tmp = tempfile.TemporaryDirectory()
-        path = Path(tmp.name) / "twolab.h5ad"
-    if not path.exists():
-        build_project(path)
+    path = two_lab_project(args.project)
     table = CellTable.load(path)
     X = table.embeddings
     if X is None:
@@ -168,8 +142,6 @@ def main() -> None:
     )
     if args.figures:
         figures(args.figures, corrected, reports, b, y, shown, seed=args.seed)
-    if tmp is not None:
-        tmp.cleanup()
 
 
 def figures(out: Path, corrected, reports, b, y, methods, *, seed: int) -> None:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -61,17 +60,11 @@ NEW_LAB, OLD_LAB = "bccd_crops", "pbc_dev"
 
 def load_project(path: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Embeddings (n, dim), curated labels (n,) object, batches (n,) object."""
+    from labs import two_lab_project
+
     from napari_hemofm.core.cells import CellTable
 
-    if path is None:
-        from napari_hemofm.cli import main as hemofm
-
-        tmp = Path(tempfile.mkdtemp(prefix="hemofm_queues_"))
-        path = tmp / "twolab.h5ad"
-        inputs = [str(DATA / OLD_LAB), str(DATA / NEW_LAB)]
-        if hemofm(["embed", *inputs, "--model", "handcrafted", "--out", str(path)]) != 0:
-            sys.exit("embedding failed")
-    table = CellTable.load(path)
+    table = CellTable.load(two_lab_project(path))
     obs = table.obs
     labels = obs["label"].astype(object).where(obs["label"].notna(), None).to_numpy()
     return table.embeddings, labels, obs["batch"].astype(str).to_numpy(dtype=object)

@@ -30,15 +30,11 @@ Run:  python benchmarks/bench_new_lab.py [--project PATH] [--seeds 5] [--plot FI
 from __future__ import annotations
 
 import argparse
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 NEW_LAB, OLD_LAB = "bccd_crops", "pbc_dev"
 SCORED = ("eosinophil", "lymphocyte", "monocyte", "neutrophil")
 STEPS = (0, 5, 10, 15, 20, 30, 40)
@@ -46,17 +42,11 @@ STEPS = (0, 5, 10, 15, 20, 30, 40)
 
 def load_table(path: Path | None):
     """The two-lab CellTable (embedding it first when no project is given)."""
+    from labs import two_lab_project
+
     from napari_hemofm.core.cells import CellTable
 
-    if path is None:
-        from napari_hemofm.cli import main as hemofm
-
-        tmp = Path(tempfile.mkdtemp(prefix="hemofm_newlab_"))
-        path = tmp / "twolab.h5ad"
-        inputs = [str(DATA / OLD_LAB), str(DATA / NEW_LAB)]
-        if hemofm(["embed", *inputs, "--model", "handcrafted", "--out", str(path)]) != 0:
-            sys.exit("embedding failed")
-    return CellTable.load(path)
+    return CellTable.load(two_lab_project(path))
 
 
 def balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:

@@ -34,34 +34,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 TARGET_MS = 1000.0
 
 
 def make_table(n: int, n_labelled: int, dim: int, n_classes: int = 8, seed: int = 0):
     """A cell table of ``n`` cells in ``n_classes`` Gaussian clusters, ``n_labelled`` labelled."""
-    from napari_hemofm.core.cells import CellTable
+    from napari_hemofm._testing import table_of
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1.0, size=(n_classes, dim)).astype(np.float32)
     k = rng.integers(0, n_classes, n)
     X = centres[k] + rng.normal(0, 0.6, size=(n, dim)).astype(np.float32)
-    frame = pd.DataFrame(
-        {
-            "source": np.char.add("smear_", (np.arange(n) // 100).astype(str)),
-            "batch": np.where(np.arange(n) % 2, "lab_a", "lab_b"),
-            "x": 1.0,
-            "y": 1.0,
-            "x0": 0,
-            "y0": 0,
-            "x1": 4,
-            "y1": 4,
-        },
-        index=[f"lab/c{i}#0" for i in range(n)],
+    table = table_of(
+        [f"lab/c{i}#0" for i in range(n)],
+        source=np.char.add("smear_", (np.arange(n) // 100).astype(str)),
+        batch=np.where(np.arange(n) % 2, "lab_a", "lab_b"),
+        embeddings=X,
     )
-    table = CellTable()
-    table.add_cells(frame, embeddings=X)
     names = np.array([f"class_{c}" for c in range(n_classes)], dtype=object)
     chosen = rng.choice(n, n_labelled, replace=False)
     table.set_labels(table.cell_ids[chosen].tolist(), names[k[chosen]].tolist(), origin="imported")

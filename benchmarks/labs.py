@@ -54,6 +54,30 @@ def load_lab(name: str) -> tuple[list[np.ndarray], np.ndarray]:
     return crops, np.asarray(labels)
 
 
+def two_lab_project(path: Path | None = None) -> Path:
+    """The two-lab project (``pbc_dev`` + ``bccd_crops``, handcrafted features).
+
+    ``path`` is reused when it exists, else written by ``hemofm embed`` (default: a
+    new temporary folder). Exits with a message when ``../shared/data`` is missing.
+    """
+    import tempfile
+
+    from napari_hemofm.cli import main as hemofm
+
+    if path is not None and Path(path).exists():
+        return Path(path)
+    for name in LABS:
+        if not (DATA / name).is_dir():
+            sys.exit(f"{DATA / name} not found: this benchmark needs ../shared/data")
+    if path is None:
+        path = Path(tempfile.mkdtemp(prefix="hemofm_twolab_")) / "twolab.h5ad"
+    inputs = [str(DATA / name) for name in LABS]
+    print(f"building {path}: hemofm embed {' '.join(inputs)} --model handcrafted", file=sys.stderr)
+    if hemofm(["embed", *inputs, "--model", "handcrafted", "--out", str(path)]) != 0:
+        sys.exit("embedding failed")
+    return Path(path)
+
+
 def _tint(crop: np.ndarray) -> np.ndarray:
     f = crop.astype(np.float64) / 255.0
     out = f ** np.array([0.75, 1.0, 1.35])

@@ -16,7 +16,13 @@ import pandas as pd
 
 from napari_hemofm.core.cells import CellTable
 
-__all__ = ["DEFAULT_CLASSES", "make_cell_frame", "make_cell_table", "shared_data_dir"]
+__all__ = [
+    "DEFAULT_CLASSES",
+    "make_cell_frame",
+    "make_cell_table",
+    "shared_data_dir",
+    "table_of",
+]
 
 DEFAULT_CLASSES = ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil")
 
@@ -116,6 +122,39 @@ def make_cell_table(n: int = 400, **kwargs) -> CellTable:
     table = CellTable()
     table.add_cells(frame, embeddings=X)
     table.set_classes(list(classes))
+    return table
+
+
+def table_of(
+    index: Sequence[str],
+    *,
+    source: str | Sequence[str],
+    batch: str | Sequence[str],
+    embeddings: np.ndarray | None = None,
+    **columns,
+) -> CellTable:
+    """A :class:`CellTable` of given cells, each with the same small box.
+
+    For tests whose cells need only ids, sources, batches (and embeddings): the box
+    columns every cell table requires are filled with one 4-pixel box at (1, 1).
+
+    Parameters
+    ----------
+    index : sequence of str
+        Cell ids, one per cell.
+    source, batch : str or sequence of str
+        One value for every cell, or one per cell.
+    embeddings : ndarray of shape (n_cells, dim), optional
+    **columns
+        Further ``obs`` columns (``slide=...``), one value or one per cell.
+    """
+    frame = pd.DataFrame(
+        {"source": source, "batch": batch, **columns}
+        | {"x": 1.0, "y": 1.0, "x0": 0, "y0": 0, "x1": 4, "y1": 4},
+        index=list(index),
+    )
+    table = CellTable()
+    table.add_cells(frame, embeddings=embeddings)
     return table
 
 

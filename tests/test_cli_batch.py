@@ -13,6 +13,17 @@ from napari_hemofm.core.batch import METRIC_INFO
 from napari_hemofm.core.cells import table_from_frame
 
 
+def save_cells(path, cells, X, *, embed=True):
+    """Save labelled cells (dicts of ``cell_id``, ``source``, ``batch``, ``label``, ...)
+    as a project, each with the same 10-pixel box; embeddings ``X`` unless ``embed`` is
+    False."""
+    box = {"x": 5.0, "y": 5.0, "x0": 0, "y0": 0, "x1": 10, "y1": 10}
+    table = table_from_frame(pd.DataFrame([cell | box for cell in cells]))
+    if embed:
+        table.set_embeddings(np.asarray(X, dtype=np.float32), model="handcrafted")
+    return table.save(path)
+
+
 def make_project(path, *, n_batches=2, embed=True, shift=3.0, seed=0):
     """A project of 3 cell types x 25 cells per batch, lab1 shifted by ``shift``."""
     rng = np.random.default_rng(seed)
@@ -26,20 +37,11 @@ def make_project(path, *, n_batches=2, embed=True, shift=3.0, seed=0):
                         "cell_id": f"lab{i}/type{t}/{k}.png#0",
                         "source": f"lab{i}/type{t}/{k}.png",
                         "batch": f"lab{i}",
-                        "x": 5.0,
-                        "y": 5.0,
-                        "x0": 0,
-                        "y0": 0,
-                        "x1": 10,
-                        "y1": 10,
                         "label": f"type{t}",
                     }
                 )
                 X.append(centres[t] + rng.normal(size=6) + i * shift)
-    table = table_from_frame(pd.DataFrame(rows))
-    if embed:
-        table.set_embeddings(np.asarray(X, dtype=np.float32), model="handcrafted")
-    return table.save(path)
+    return save_cells(path, rows, X, embed=embed)
 
 
 @pytest.fixture(scope="module")
@@ -146,19 +148,11 @@ def make_small_batch_project(path, *, seed=0):
                     "source": f"{lab}/s{k % 2}.png",
                     "batch": lab,
                     "slide": f"{lab}/s{k % 2}.png",
-                    "x": 5.0,
-                    "y": 5.0,
-                    "x0": 0,
-                    "y0": 0,
-                    "x1": 10,
-                    "y1": 10,
                     "label": f"type{t}",
                 }
             )
             X.append(centres[t] + rng.normal(size=6) + shift)
-    table = table_from_frame(pd.DataFrame(rows))
-    table.set_embeddings(np.asarray(X, dtype=np.float32), model="handcrafted")
-    return table.save(path)
+    return save_cells(path, rows, X)
 
 
 @pytest.fixture(scope="module")

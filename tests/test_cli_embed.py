@@ -22,11 +22,11 @@ def run(*args: str):
 @pytest.fixture(scope="module")
 def fake_weights(tmp_path_factory):
     """Random DinoBloom-S weights in the timm safetensors layout (no download)."""
+    import torch
     from safetensors.torch import save_file
 
     from napari_hemofm.core.models import build_model, get_spec
 
-    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "model.safetensors"
     net = build_model(get_spec("dinobloom-s"))

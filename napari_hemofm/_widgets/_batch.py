@@ -64,6 +64,7 @@ from qtpy.QtWidgets import (
 from napari_hemofm._widgets._batch_grid import THUMBS_PER_GROUP, BatchClassGrid
 from napari_hemofm._widgets._batch_plots import APPEARANCE_PER_BATCH, AppearancePlots
 from napari_hemofm._widgets._batch_work import (
+    Appearance,
     Failure,
     Preview,
     Snapshot,
@@ -78,7 +79,9 @@ from napari_hemofm._widgets._batch_work import (
 from napari_hemofm._widgets._colors import (
     MISSING_ARGB,
     MISSING_COLOR,
+    LegendView,
     theme_background,
+    top_entries,
 )
 from napari_hemofm._widgets._colors import class_hex as palette_color
 from napari_hemofm._widgets._colors import colormap_lut as _colormap_lut
@@ -168,6 +171,8 @@ def _categorical_scheme(
 
 
 def _legend_html(entries: list[tuple[str, str, int]]) -> str:
+    """Legend text: the largest categories, the rest as one "others" entry."""
+    entries = top_entries(entries)
     return " &nbsp; ".join(
         f'<span style="color:{color}">&#9632;</span>&nbsp;{_html(name)}'
         f'&nbsp;<span style="color:gray">({count:,})</span>'
@@ -199,6 +204,21 @@ def _colormap_bar(width: int = 160, height: int = 10) -> QPixmap:
     return QPixmap.fromImage(image).scaled(width, height)
 
 
+def _project_stain(table: CellTable) -> dict[str, str]:
+    """The project's stain setting (``uns["hemofm"]["stain_norm"]``) as a plain dict."""
+    from napari_hemofm.core.stain import StainNorm
+
+    value = table.meta.get("stain_norm")
+    try:
+        setting = StainNorm.from_dict(value if isinstance(value, dict) else None)
+    except ValueError:  # an unknown method written by a newer version: preview none
+        return {"method": "none"}
+    out = {"method": setting.method}
+    if setting.reference:
+        out["reference"] = setting.reference
+    return out
+
+
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "-"
@@ -210,7 +230,8 @@ class _MapPanel:
     """One map: a colour-by combo, the scatter canvas and its legend.
 
     Not a widget: the two maps' parts are laid out in one grid, so that both canvases
-    get the same size whatever their legends need.
+    get the same size whatever their legends need. The legend is a
+    :class:`._colors.LegendView`: bounded height, scrolling, never over the canvas.
     """
 
     def __init__(self, title: str, default: str, background: str) -> None:
@@ -221,12 +242,8 @@ class _MapPanel:
         self.combo.setCurrentIndex(max(self.combo.findData(default), 0))
         self.combo.setToolTip(f"What colours the points of the {title} map")
         self.canvas = ScatterCanvas(background=background)
-        self.legend = QLabel("")
-        self.legend.setTextFormat(Qt.TextFormat.RichText)
-        self.legend.setWordWrap(True)
-        self.legend.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
-        self.legend_bar = QLabel()
-        self.legend_bar.hide()
+        self.legend = LegendView()
+        self.legend_bar = self.legend.bar  # the colormap bar of a numeric colouring
         self.top = QHBoxLayout()
         self.top.addWidget(self.title)
         self.top.addWidget(self.combo, 1)
@@ -246,12 +263,7 @@ class _MapPanel:
     def show_scheme(self, scheme: _Scheme) -> None:
         if len(scheme.colors) == self.canvas.n_points:
             self.canvas.set_colors(scheme.colors)
-        self.legend.setText(scheme.legend)
-        if scheme.numeric:
-            self.legend_bar.setPixmap(_colormap_bar())
-            self.legend_bar.show()
-        else:
-            self.legend_bar.hide()
+        self.legend.set_text(scheme.legend, bar=_colormap_bar() if scheme.numeric else None)
 
 
 class _Relay(QObject):
@@ -314,6 +326,8 @@ class BatchViewWidget(QWidget):
         self._syncing_view = False
         self._measure_cancel = False
         self.appearance: pd.DataFrame | None = None
+        self.appearance_after: pd.DataFrame | None = None
+        self._measure_again = False  # the stain choice changed while measuring
         self.error = ""
 
         self._build_ui()
@@ -434,8 +448,7 @@ class BatchViewWidget(QWidget):
         for col, panel in enumerate((self.left, self.right)):
             grid.addLayout(panel.top, 0, col)
             grid.addWidget(panel.canvas, 1, col)
-            grid.addWidget(panel.legend_bar, 2, col)
-            grid.addWidget(panel.legend, 3, col)
+            grid.addWidget(panel.legend, 2, col)
             grid.setColumnStretch(col, 1)
         grid.setRowStretch(1, 1)
 
@@ -506,6 +519,7 @@ class BatchViewWidget(QWidget):
         # stain and size tab
         self.plots = AppearancePlots(background)
         self.plots.measure_button.clicked.connect(self.compute_appearance)
+        self.plots.stain_combo.currentIndexChanged.connect(self._on_stain_choice)
 
         self.tabs = QTabWidget()
         self.tabs.addTab(metrics_tab, "Metrics")
@@ -627,6 +641,8 @@ class BatchViewWidget(QWidget):
         self._choose_level(table)
         self._invalidate("table")
         self.appearance = None
+        self.appearance_after = None
+        self.plots.set_project_stain(_project_stain(table))
         self.plots.status.setText("Not measured yet.")
         self._load_layout(fit=True)
         self.refresh_grid()
@@ -1314,6 +1330,8 @@ class BatchViewWidget(QWidget):
         rows = np.sort(np.concatenate(rows)).astype(np.int64)
         obs = table.obs[["source", "x0", "y0", "x1", "y1"]].copy()
         obs.insert(1, "batch", batch_col)  # the plots group by the level compared
+        reference_obs = table.obs[["source", "batch"]].copy()  # a reference batch's images
+        stain = self.plots.stain_setting()
         pixel = table.meta.get("pixel_size_um")
         self._measure_cancel = False
         relay = self._relay
@@ -1335,40 +1353,66 @@ class BatchViewWidget(QWidget):
             None if pixel is None else float(pixel),
             progress,
             cancel,
+            stain,
+            reference_obs,
             returned=functools.partial(self._on_measured, table),
             errored=lambda exc: self.plots.status.setText(f"Measuring failed: {error_line(exc)}"),
         )
-        self.plots.progress.setRange(0, len(rows))
+        passes = 1 if stain.get("method", "none") == "none" else 2
+        self.plots.progress.setRange(0, passes * len(rows))
         self.plots.progress.setValue(0)
         self.plots.progress.show()
         self.plots.measure_button.setEnabled(False)
+        after = f", before and after {stain['method']}" if passes == 2 else ""
         self.plots.status.setText(
-            f"Measuring {len(rows):,} cells (up to {per_batch} per batch)..."
+            f"Measuring {len(rows):,} cells (up to {per_batch} per batch{after})..."
         )
 
     def _on_measure_progress(self, done: int, total: int) -> None:
         self.plots.progress.setRange(0, total)
         self.plots.progress.setValue(done)
 
-    def _on_measured(self, table: CellTable, frame: pd.DataFrame) -> None:
-        if table is not self.table:
+    def _on_stain_choice(self, _index: int) -> None:
+        """Another stain normalisation to preview: measure again if measured already."""
+        if self.appearance is None and "measure" not in self._workers:
             return
+        self.appearance = None
+        self.appearance_after = None
+        if "measure" in self._workers:
+            self._measure_cancel = True
+            self._measure_again = True  # _on_worker_finished starts it
+        else:
+            self.compute_appearance()
+
+    def _on_measured(self, table: CellTable, result: Appearance) -> None:
+        if table is not self.table or self._measure_cancel:
+            return
+        frame = result.before
         self.appearance = frame
+        self.appearance_after = result.after
         ok = int(frame["segmented"].sum())
         batches = [b for b in self._group_names() if (frame["batch"].astype(str) == b).any()]
-        medians = frame[frame["segmented"]].groupby(frame["batch"].astype(str))
+
+        def medians(data: pd.DataFrame, b: str) -> str:
+            g = data[data["segmented"] & (data["batch"].astype(str) == b)]
+            return (
+                f"hue {g['cell_hue_deg'].median():.0f} deg, OD {g['cell_od'].median():.2f}, "
+                f"nucleus OD {g['nucleus_od'].median():.2f}"
+            )
+
         parts = []
         for b in batches:
-            if b in medians.groups:
-                g = medians.get_group(b)
-                parts.append(
-                    f"{b}: hue {g['cell_hue_deg'].median():.0f} deg, "
-                    f"OD {g['cell_od'].median():.2f}, nucleus OD {g['nucleus_od'].median():.2f}"
-                )
-        self.plots.status.setText(
-            f"{ok:,} of {len(frame):,} sampled cells segmented. Medians: " + "; ".join(parts)
-        )
-        self.plots.plot(frame, batches, self.group_colors())
+            if not (frame["segmented"] & (frame["batch"].astype(str) == b)).any():
+                continue
+            text = f"{b}: {medians(frame, b)}"
+            if result.after is not None:
+                text += f" -> after: {medians(result.after, b)}"
+            parts.append(text)
+        status = f"{ok:,} of {len(frame):,} sampled cells segmented. Medians: " + "; ".join(parts)
+        if result.note:
+            status = f"No {result.method} preview: {result.note}. " + status
+        self.plots.status.setText(status)
+        self.plots.plot(frame, batches, self.group_colors(), result.after, result.method)
 
     # ------------------------------------------------------------ workers
     def _start(
@@ -1416,6 +1460,9 @@ class BatchViewWidget(QWidget):
         if name == "measure":
             self.plots.progress.hide()
             self.plots.measure_button.setEnabled(True)
+            if self._measure_again and self._lifeline.alive:
+                self._measure_again = False
+                self.compute_appearance()
         self._update_status()
 
     # -------------------------------------------------------- table events

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "Appearance",
     "Failure",
     "Preview",
     "Snapshot",
@@ -154,6 +155,29 @@ def umap_layout(snap: Snapshot) -> tuple[np.ndarray, dict[str, Any]]:
     return snap.full(coords), key
 
 
+@dataclass
+class Appearance:
+    """Stain and size statistics of the sampled cells, before and after normalisation.
+
+    Attributes
+    ----------
+    before : pandas.DataFrame
+        :func:`~napari_hemofm.core.appearance.table_appearance` of the crops as they are.
+    after : pandas.DataFrame or None
+        The same cells after stain normalisation (None when the method is ``"none"``,
+        the normaliser could not be built, or the run was cancelled).
+    method : str
+        The stain normalisation method previewed (``"none"``: no "after").
+    note : str
+        Why there is no "after" although a method was asked for ("" otherwise).
+    """
+
+    before: pd.DataFrame
+    after: pd.DataFrame | None = None
+    method: str = "none"
+    note: str = ""
+
+
 def measure_appearance(
     obs: pd.DataFrame,
     rows: np.ndarray,
@@ -161,19 +185,64 @@ def measure_appearance(
     pixel_size_um: float | None,
     progress: Callable[[int, int], None],
     cancel: Callable[[], bool],
-) -> pd.DataFrame:
-    """Worker: stain and size statistics of the sampled cells."""
-    from napari_hemofm.core.appearance import table_appearance
+    stain: dict[str, Any] | None = None,
+    reference_obs: pd.DataFrame | None = None,
+) -> Appearance:
+    """Worker: stain and size statistics of the sampled cells, before and after.
 
-    return table_appearance(
-        obs,
-        None,
-        rows=rows,
-        progress=progress,
-        images=images,
-        pixel_size_um=pixel_size_um,
-        cancel=cancel,
-    )
+    Parameters
+    ----------
+    obs : pandas.DataFrame
+        ``source``, ``batch`` (the group compared) and the crop box, indexed by cell id.
+    rows : ndarray of int
+        Rows of ``obs`` to measure.
+    images : dict of str to array
+        In-memory images by source.
+    pixel_size_um : float or None
+    progress : callable
+        ``progress(done, total)``; total counts both passes when there is an "after".
+    cancel : callable
+        Checked between chunks.
+    stain : dict, optional
+        The stain setting to preview (``{"method": ..., "reference": ...}``).
+    reference_obs : pandas.DataFrame, optional
+        The table's ``source`` and real ``batch`` columns, where a reference batch's
+        images are found (default: ``obs``).
+
+    Returns
+    -------
+    Appearance
+    """
+    from napari_hemofm.core.appearance import table_appearance
+    from napari_hemofm.core.embed_job import stain_normaliser
+
+    method = str((stain or {}).get("method", "none"))
+    normalise, note = None, ""
+    if method != "none":
+        try:
+            ref = obs if reference_obs is None else reference_obs
+            normalise = stain_normaliser(stain, ref, images)
+        except ValueError as exc:
+            note = str(exc).splitlines()[0]
+    n = len(rows)
+    total = 2 * n if normalise is not None else n
+
+    def measure(offset: int, fn: Callable[[np.ndarray], np.ndarray] | None) -> pd.DataFrame:
+        return table_appearance(
+            obs,
+            None,
+            rows=rows,
+            progress=lambda done, _total: progress(offset + done, total),
+            images=images,
+            pixel_size_um=pixel_size_um,
+            cancel=cancel,
+            normalise=fn,
+        )
+
+    out = Appearance(measure(0, None), method=method, note=note)
+    if normalise is not None and not cancel():
+        out.after = measure(n, normalise)
+    return out
 
 
 @dataclass

@@ -5,14 +5,16 @@ beyond it get golden-angle hues. Grey is never a class colour: it means "no valu
 :func:`categorical_scheme` and :func:`numeric_scheme` turn a column into per-cell
 ``0xAARRGGBB`` colours plus legend entries; :class:`LegendView` shows them in a box of
 bounded height (the first :data:`MAX_LEGEND_ENTRIES` categories by count, the rest summed up
-as "others", scrolling when the dock is small). The Cell map and the Batch view both use
-them, so a batch or a class looks the same in both.
+as "others", scrolling when the dock is small). :func:`category_order` keeps one palette
+order per table and column, so the Cell map, the ``cells`` layers and the Review gallery
+give a category (a cluster, a batch) the same colour.
 """
 
 from __future__ import annotations
 
 import colorsys
 import functools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -104,6 +106,44 @@ def theme_background(viewer: Any) -> str:
         return get_theme(viewer.theme).background.as_hex()
     except Exception:  # an unknown theme id must not break a widget
         return "#262930"
+
+
+_ORDERS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, int]]] = weakref.WeakKeyDictionary()
+
+
+def category_order(table: Any, column: str) -> dict[str, int]:
+    """Palette index per category of ``table``'s ``column``, shared by every view.
+
+    Label and prediction follow the class list (class ``i``, hotkey order, gets palette
+    colour ``i``). Any other column gets one dict per table, filled by
+    :func:`categorical_scheme` as categories are first seen, so new categories never
+    shift the old colours and every view that asks here agrees.
+
+    Parameters
+    ----------
+    table : CellTable
+        The cell table (held weakly: a new table starts afresh).
+    column : str
+        An ``obs`` column.
+
+    Returns
+    -------
+    dict of str to int
+        The live dict (a fresh one for label / prediction).
+    """
+    if column in ("label", "prediction"):
+        return {name: i for i, name in enumerate(table.classes)}
+    return _ORDERS.setdefault(table, {}).setdefault(column, {})
+
+
+def forget_category_order(table: Any, column: str) -> None:
+    """Drop the palette order of ``column`` (its categories were rewritten, e.g. reclustered).
+
+    The dict is emptied in place, so views holding it see the new order.
+    """
+    orders = _ORDERS.get(table)
+    if orders is not None and column in orders:
+        orders[column].clear()
 
 
 def is_categorical(values: pd.Series) -> bool:

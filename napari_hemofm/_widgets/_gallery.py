@@ -62,9 +62,16 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_hemofm._widgets._colors import MISSING_COLOR, class_hex
+from napari_hemofm._widgets._colors import (
+    MISSING_COLOR,
+    argb_to_hex,
+    categorical_scheme,
+    category_order,
+    class_hex,
+)
 from napari_hemofm._widgets._thumbstrip import start_thumbnail_worker, thumbnail_pixmap
 from napari_hemofm._widgets._workers import Lifeline
+from napari_hemofm.core.clustering import CLUSTER_COLUMN
 from napari_hemofm.core.review import UNIDENTIFIED, least_sure_keys
 
 if TYPE_CHECKING:
@@ -73,6 +80,8 @@ if TYPE_CHECKING:
 
 #: MIME type of dragged cells: a JSON list of cell ids.
 CELLS_MIME = "application/x-hemofm-cells"
+#: Column whose category marks the thumbnails' corner (the Cell map's clusters).
+MARK_COLUMN = CLUSTER_COLUMN
 #: Thumbnail side on screen: default, smallest and largest (the zoom slider's range).
 DEFAULT_ICON_SIZE = 112
 MIN_ICON_SIZE = 64
@@ -506,6 +515,21 @@ class ThumbnailDelegate(QStyledItemDelegate):
                 text = badge.adjusted(dot + 3, 0, 0, 0)
             painter.setPen(QColor("#ffffff"))
             painter.drawText(text, Qt.AlignmentFlag.AlignCenter, look.badge)
+        if look.mark is not None:  # the cell's cluster: a triangle in the top-left corner
+            from qtpy.QtCore import QPointF
+            from qtpy.QtGui import QPolygonF
+
+            m = max(7, size // 7)
+            corner = QPolygonF(
+                [
+                    QPointF(inner.left(), inner.top()),
+                    QPointF(inner.left() + m, inner.top()),
+                    QPointF(inner.left(), inner.top() + m),
+                ]
+            )
+            painter.setPen(QPen(QColor(20, 20, 24), 1))
+            painter.setBrush(QColor(look.mark))
+            painter.drawPolygon(corner)
         if look.dot is not None:  # curated, but the probe says another class
             r = max(5, min(9, size // 14))
             painter.setPen(QPen(QColor("#ffffff"), 1.5))
@@ -530,6 +554,7 @@ class CellLook:
     badge: str
     badge_color: str | None
     dot: str | None
+    mark: str | None = None  # colour of the cell's cluster (top-left corner)
 
 
 # ------------------------------------------------------------------ the views
@@ -857,6 +882,10 @@ class Gallery(QScrollArea):
         self._conf = np.zeros(0, np.float64)
         self._section_code = np.zeros(0, np.int32)  # index into self._order, -1 none
         self._colors: list[str] = []
+        #: obs column whose category marks each thumbnail's top-left corner (the map's
+        #: colour of that category); cells without a value get no mark
+        self.mark_column = MARK_COLUMN
+        self._mark = np.zeros(0, np.uint32)  # 0xAARRGGBB per row, 0 = no mark
         self._swatches: dict[str, Any] = {}
 
         self.setWidgetResizable(True)
@@ -927,6 +956,12 @@ class Gallery(QScrollArea):
 
     def cell_look(self, row: int) -> CellLook:
         """How cell ``row`` is drawn (see :class:`ThumbnailDelegate`)."""
+        look = self._class_look(row)
+        if row < len(self._mark) and self._mark[row]:
+            look.mark = argb_to_hex(int(self._mark[row]))
+        return look
+
+    def _class_look(self, row: int) -> CellLook:
         cell_id = str(self.table.cell_ids[row]) if self.table is not None else ""
         lab, pred, conf = int(self._label_code[row]), int(self._pred_code[row]), self._conf[row]
         if lab >= 0:
@@ -938,6 +973,23 @@ class Gallery(QScrollArea):
                 return CellLook(cell_id, MISSING_COLOR, False, badge, self._colors[pred], None)
             return CellLook(cell_id, self._colors[pred], False, badge, None, None)
         return CellLook(cell_id, None, False, "", None, None)
+
+    def read_marks(self) -> None:
+        """(Re)read :attr:`mark_column` and repaint the thumbnails' corner marks.
+
+        Each cell's category colour, as in the Cell map and the ``cells`` layers
+        (:func:`._colors.category_order`).
+        """
+        table = self.table
+        column = self.mark_column
+        if table is None or column is None or column not in table.obs.columns:
+            self._mark = np.zeros(table.n_cells if table is not None else 0, np.uint32)
+        else:
+            values = table.obs[column]
+            colors = categorical_scheme(values, category_order(table, column)).colors
+            self._mark = np.where(values.notna().to_numpy(), colors, 0).astype(np.uint32)
+        for view in self.views:
+            view.viewport().update()
 
     def describe(self, row: int) -> str:
         """Tooltip of a cell."""
@@ -956,6 +1008,8 @@ class Gallery(QScrollArea):
             f"prediction: {value('prediction')} ({value('confidence')})",
             f"batch: {value('batch')}",
         ]
+        if self.mark_column is not None and self.mark_column in obs.columns:
+            lines.append(f"{self.mark_column}: {value(self.mark_column)}")
         if self.section_of_row(row) == UNIDENTIFIED:
             from napari_hemofm.core.report import counted_cells
 
@@ -1063,6 +1117,7 @@ class Gallery(QScrollArea):
         self.classes = list(classes)
         self._colors = [class_hex(i) for i in range(len(self.classes))]
         self.read_cells()
+        self.read_marks()
         queue = self.sections.get("Queue")
         wanted = [s.name for s in specs]
         with self.quiet():

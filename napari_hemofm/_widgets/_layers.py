@@ -34,7 +34,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from napari_hemofm._widgets._colors import class_rgb
+from napari_hemofm._widgets._colors import (
+    categorical_scheme,
+    category_order,
+    class_rgb,
+    is_categorical,
+)
 from napari_hemofm._widgets._session import get_session
 from napari_hemofm._widgets._signals import MainThreadBridge, on_main_thread
 
@@ -82,7 +87,7 @@ _CATEGORICAL = ("label", "prediction", "batch")
 #: Border colour of an unlabelled cell (RGBA): the map's "no value" grey.
 UNLABELLED_COLOR = (0.5, 0.5, 0.5, 1.0)
 _FACE_ALPHA = 0.18
-_COLUMN_FACE_ALPHA = 0.6  # a numeric column's fill (face_column) must read at a glance
+_COLUMN_FACE_ALPHA = 0.6  # a column's fill (face_column) must read at a glance
 _BORDER_WIDTH = 0.02  # relative to the point size
 _POINT_FRACTION = 0.8  # point diameter over the crop side: a ring around the cell
 
@@ -253,11 +258,14 @@ class CellsLayerSync:
     # ------------------------------------------------------------------ public
     @property
     def face_column(self) -> str | None:
-        """Numeric column that fills the points (viridis), or None: filled by label.
+        """Column that fills the points, or None: filled by label.
 
-        The border always shows the label. Used for per-cell mixing (``ilisi``, scaled
-        0-1 by definition: its colours are absolute) and any other numeric column
-        (scaled to its range). Cells without a value have an empty face.
+        The border always shows the label. A categorical column (a cluster, a batch, the
+        prediction; see :func:`._colors.is_categorical`) fills each point with its
+        category's colour from :func:`._colors.category_order`, the colours the Cell map
+        and the gallery use. A numeric column fills on viridis: per-cell mixing
+        (``ilisi``, scaled 0-1 by definition: its colours are absolute) and any other
+        numeric column (scaled to its range). Cells without a value have an empty face.
         """
         return self._face_column
 
@@ -427,23 +435,36 @@ class CellsLayerSync:
 
     def _colors(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         face, border = cell_colors(self.session.table, rows)
-        if self._face_column is not None:
-            face = self._column_faces(rows)
+        if self._face_column is not None and self._face_column in self.session.table.obs:
+            face = self._column_faces(rows)  # a new table without the column: by label
         return face, border
 
     def _column_faces(self, rows: np.ndarray) -> np.ndarray:
+        """RGBA fill of ``rows`` from :attr:`face_column`, shape (len(rows), 4)."""
         from napari.utils.colormaps import ensure_colormap
 
-        obs = self.session.table.obs
-        if self._face_column not in obs.columns:
+        table = self.session.table
+        name = self._face_column
+        rows = np.asarray(rows, dtype=np.int64)
+        if name is None or name not in table.obs.columns:
             return np.zeros((len(rows), 4))
-        values = pd.to_numeric(obs[self._face_column], errors="coerce").to_numpy(float)
+        column = table.obs[name]
+        if is_categorical(column):
+            # the whole column, as the map does: categories get their index in one order
+            argb = categorical_scheme(column, category_order(table, name)).colors[rows]
+            face = np.empty((len(rows), 4), dtype=float)
+            for i, shift in enumerate((16, 8, 0)):
+                face[:, i] = ((argb >> shift) & 0xFF) / 255.0
+            present = column.iloc[rows].notna().to_numpy()
+            face[:, 3] = np.where(present, _COLUMN_FACE_ALPHA, 0.0)
+            return face
+        values = pd.to_numeric(column, errors="coerce").to_numpy(float)
         finite = np.isfinite(values)
-        if self._face_column == "ilisi" or not finite.any():
+        if name == "ilisi" or not finite.any():
             lo, hi = 0.0, 1.0
         else:
             lo, hi = float(values[finite].min()), float(values[finite].max())
-        v = values[np.asarray(rows, dtype=np.int64)]
+        v = values[rows]
         scaled = np.clip((v - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
         face = np.asarray(ensure_colormap("viridis").map(np.nan_to_num(scaled)), float)
         face[:, 3] = np.where(np.isfinite(v), _COLUMN_FACE_ALPHA, 0.0)
@@ -634,6 +655,8 @@ class CellsLayerSync:
             points.events.features()
             points.events.face_color()
             points.events.border_color()
+        if self._face_column == "label":  # the fill shows labels in the column's colours
+            self._recolor_faces()
 
     def _on_columns_changed(self, names: Iterable[str]) -> None:
         if not on_main_thread(self._main, self._on_columns_changed, names):

@@ -35,6 +35,7 @@ import pandas as pd
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QButtonGroup,
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFrame,
@@ -53,9 +54,11 @@ from napari_hemofm._widgets._colors import (
     ColorScheme,
     LegendView,
     categorical_scheme,
+    category_order,
     class_hex,
     colormap_bar,
     colormap_lut,
+    forget_category_order,
     hex_to_argb,
     html_escape,
     is_categorical,
@@ -187,7 +190,7 @@ class CellMapWidget(QWidget):
         # (signal, slot) pairs to disconnect when the table is replaced / the widget dies
         self._slots: dict[str, list[tuple[Any, Callable]]] = {"session": [], "table": []}
         self._scheme = ColorScheme()
-        self._category_index: dict[str, dict[str, int]] = {}
+        self._layers_colored = False  # the cells layers' fill follows "Colour by"
         self._umap_worker = None
         self._umap_again = False
         self._umap_force = False
@@ -265,6 +268,13 @@ class CellMapWidget(QWidget):
         color_row = QHBoxLayout()
         color_row.addWidget(QLabel("Colour by"))
         color_row.addWidget(self.color_combo, 1)
+        self.layers_check = QCheckBox("image points too")
+        self.layers_check.setToolTip(
+            "Fill the cells layers' points on the images with these colours too "
+            "(the border keeps showing the label)"
+        )
+        self.layers_check.toggled.connect(self._push_layer_colors)
+        color_row.addWidget(self.layers_check)
 
         self.tool_buttons: dict[str, QPushButton] = {}
         group = QButtonGroup(self)
@@ -532,7 +542,7 @@ class CellMapWidget(QWidget):
 
         if table is not self.table or table.embeddings is not X:
             return  # the cells changed meanwhile: the groups belong to the old ones
-        self._category_index.pop(CLUSTER_COLUMN, None)
+        forget_category_order(table, CLUSTER_COLUMN)  # new groups: colours in their order
         table.set_column(CLUSTER_COLUMN, names)  # -> columns_changed -> combo refreshed
         self.set_color_by(CLUSTER_COLUMN)
 
@@ -945,7 +955,7 @@ class CellMapWidget(QWidget):
         """
         if column in ("label", "prediction"):
             return {name: i for i, name in enumerate(self.table.classes)}
-        return self._category_index.setdefault(column, {})
+        return category_order(self.table, column)
 
     def _compute_scheme(self, column: str) -> ColorScheme:
         n = self.table.n_cells
@@ -979,12 +989,37 @@ class CellMapWidget(QWidget):
 
     def _on_color_by_changed(self, _text: str) -> None:
         self._recolor()
+        self._push_layer_colors()
+
+    def set_layers_colored(self, on: bool) -> None:
+        """Whether the ``cells`` layers' points are filled by the "Colour by" column too."""
+        self.layers_check.setChecked(bool(on))  # -> _push_layer_colors
+
+    def _push_layer_colors(self, *_args: Any) -> None:
+        """Hand the "Colour by" column to the cells layers (or take it back).
+
+        Label stays the layers' own colouring (their border and light fill); a column
+        the table lacks leaves them alone. Unticking resets the fill only when it still
+        shows what the map set (the Batch view may have set mixing since).
+        """
+        from napari_hemofm._widgets._layers import get_layer_sync
+
+        sync = get_layer_sync(self.viewer)
+        if self.layers_check.isChecked():
+            column = self.color_by
+            want = column if column in self.table.obs.columns and column != "label" else None
+            if sync.face_column != want:
+                sync.face_column = want
+            self._layers_colored = True
+        elif self._layers_colored:
+            self._layers_colored = False
+            if sync.face_column == self.color_by:
+                sync.face_column = None
 
     # -------------------------------------------------------- table events
     def _on_table_replaced(self, table: CellTable) -> None:
         if not on_main_thread(self._bridge, self._on_table_replaced, table):
             return
-        self._category_index.clear()
         self._attach_table(table)
 
     def _on_cells_added(self, start: int, stop: int) -> None:
@@ -1050,12 +1085,12 @@ class CellMapWidget(QWidget):
         """Give the selected cells ``label`` (None clears it) through the viewer's review.
 
         The probe retrains in the background and every view updates. Returns the ids
-        whose label changed.
+        whose label changed (none on a read-only project: the status bar says why).
         """
-        from napari_hemofm._widgets._review_state import get_review
+        from napari_hemofm._widgets._review_state import relabel_quietly
 
         rows = self.session.selected
-        return get_review(self.viewer).relabel(rows, label) if len(rows) else []
+        return relabel_quietly(self.viewer, rows, label) if len(rows) else []
 
     def _on_number_key(self, key: int) -> None:
         from napari_hemofm._widgets._review_state import label_selection_by_key

@@ -87,7 +87,8 @@ GALLERY_ORIGIN = "gallery"
 #: Cells in a "Label next" / "Suspect labels" queue.
 QUEUE_SIZE = 20
 #: Groupings of the differential: (combo text, obs column).
-GROUPINGS = (("per smear", "source"), ("per slide", "slide"), ("per batch", "batch"))
+# the default is per slide: one smear for detected cells, the batch for crop folders
+GROUPINGS = (("per slide", "slide"), ("per image", "source"), ("per batch", "batch"))
 #: Targets offered for a differential count.
 TARGETS = (100, 200)
 #: Sort orders of the gallery: (combo text, Gallery sort mode).
@@ -304,6 +305,18 @@ class ReviewWidget(QWidget):
             self.strategy_actions[strategy] = action
         self.strategy_actions["uncertain"].setChecked(True)
         self.next_button.setMenu(strategy_menu)
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItem("all cells", None)
+        self.scope_combo.setToolTip(
+            "Which cells Label next picks from: all, or one batch (lab) or slide. A scoped "
+            "queue covers every class the probe predicts there (a new lab in few clicks)."
+        )
+        self.scope_combo.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self.scope_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
+        self.scope_combo.setMinimumContentsLength(6)
+        self.scope_combo.currentIndexChanged.connect(self._on_scope_changed)
         self.suspects_button = QPushButton("Suspect labels")
         self.suspects_button.setToolTip(
             f"Show {QUEUE_SIZE} labelled cells whose label the cross-validated probe "
@@ -323,6 +336,7 @@ class ReviewWidget(QWidget):
             tools.addWidget(button)
         tools.addSpacing(8)
         tools.addWidget(self.next_button)
+        tools.addWidget(self.scope_combo, 1)
         tools.addWidget(self.suspects_button)
         tools.addStretch(1)
         self.preset_combo = QComboBox()  # placed on the settings row
@@ -664,13 +678,21 @@ class ReviewWidget(QWidget):
 
     def undo(self) -> bool:
         """Undo the last label step."""
-        done = self.review.undo()
+        try:
+            done = self.review.undo()
+        except ProjectReadOnlyError as exc:  # a read-only project: say so, no pop-up
+            self._say(str(exc))
+            return False
         self._say("Undone." if done else "Nothing to undo.")
         return done
 
     def redo(self) -> bool:
         """Redo the last undone step."""
-        done = self.review.redo()
+        try:
+            done = self.review.redo()
+        except ProjectReadOnlyError as exc:  # a read-only project: say so, no pop-up
+            self._say(str(exc))
+            return False
         self._say("Redone." if done else "Nothing to redo.")
         return done
 
@@ -742,6 +764,56 @@ class ReviewWidget(QWidget):
         for name, action in self.strategy_actions.items():
             action.setChecked(name == strategy)
 
+    @property
+    def queue_scope(self) -> dict[str, str] | None:
+        """The scope of *Label next* chosen in the panel (None: all cells)."""
+        return self.scope_combo.currentData()
+
+    def set_queue_scope(self, scope: dict[str, str] | None) -> None:
+        """Scope *Label next* to ``{"batch": name}``, ``{"slide": name}`` or all (None).
+
+        Raises
+        ------
+        KeyError
+            If the table has no such batch or slide.
+        """
+        for i in range(self.scope_combo.count()):
+            if self.scope_combo.itemData(i) == scope:
+                self.scope_combo.setCurrentIndex(i)  # -> _on_scope_changed
+                return
+        raise KeyError(f"no scope {scope!r}; choose one of {self._scopes()}")
+
+    def _scopes(self) -> list[dict[str, str] | None]:
+        return [self.scope_combo.itemData(i) for i in range(self.scope_combo.count())]
+
+    def _refresh_scopes(self) -> None:
+        """One scope per batch and per slide of the table, the choice kept when it stays."""
+        obs = self.table.obs
+        wanted: list[tuple[str, dict[str, str] | None]] = [("all cells", None)]
+        for column in ("batch", "slide"):
+            if column not in obs.columns or not len(obs):
+                continue
+            values = obs[column].dropna().astype(str)
+            for name in sorted(values.unique()):
+                wanted.append((f"{column}: {name}", {column: name}))
+        if [d for _, d in wanted] == self._scopes():
+            return
+        current = self.queue_scope
+        self.scope_combo.blockSignals(True)
+        self.scope_combo.clear()
+        for text, data in wanted:
+            self.scope_combo.addItem(text, data)
+            self.scope_combo.setItemData(
+                self.scope_combo.count() - 1, text, Qt.ItemDataRole.ToolTipRole
+            )
+        index = next((i for i, (_, d) in enumerate(wanted) if d == current), 0)
+        self.scope_combo.setCurrentIndex(index)
+        self.scope_combo.blockSignals(False)
+        self._on_scope_changed(index)
+
+    def _on_scope_changed(self, _index: int) -> None:
+        self.review.queue_scope = self.queue_scope
+
     def show_queue(self, which: str, n: int = QUEUE_SIZE) -> None:
         """Compute a queue (``"next"`` or ``"suspects"``) in a worker and show it on top."""
         if which not in ("next", "suspects"):
@@ -751,6 +823,7 @@ class ReviewWidget(QWidget):
         from napari.qt.threading import create_worker
 
         review = self.review
+        review.queue_scope = self.queue_scope
         fn = review.label_next if which == "next" else review.suspects
         worker = create_worker(fn, int(n), _start_thread=False)
         wrap = self._lifeline.wrap
@@ -1104,6 +1177,7 @@ class ReviewWidget(QWidget):
         specs = self._section_specs(names)
         self.gallery.set_content(table, table.classes, specs, sections)
         self.gallery.set_selected(self.session.selected)
+        self._refresh_scopes()
         self._schedule_counts()
 
     def _section_specs(self, names: Sequence[str]) -> list[SectionSpec]:
@@ -1194,6 +1268,10 @@ class ReviewWidget(QWidget):
     def _on_columns_changed(self, names: Sequence[str]) -> None:
         if not on_main_thread(self._bridge, self._on_columns_changed, names):
             return
+        if self.gallery.mark_column in names:
+            self.gallery.read_marks()  # e.g. the map clustered the cells
+        if {"batch", "slide"} & set(names):
+            self._refresh_scopes()
         if {"prediction", "confidence"} & set(names):
             # Review.apply_result follows this with predictions_changed(rows), which moves
             # only those rows; a write by anyone else is caught by this rebuild

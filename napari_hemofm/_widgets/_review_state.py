@@ -21,6 +21,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 
 from napari_hemofm._widgets._session import get_session
 from napari_hemofm._widgets._workers import start_worker
+from napari_hemofm.core.journal import ProjectReadOnlyError
 from napari_hemofm.core.review import Review
 
 if TYPE_CHECKING:
@@ -236,21 +237,52 @@ def get_review(viewer: napari.viewer.Viewer) -> Review:
     return get_retrainer(viewer).review
 
 
+def say_read_only(viewer: napari.viewer.Viewer, exc: ProjectReadOnlyError) -> None:
+    """Show why labels cannot change in the viewer's status bar (not an error pop-up)."""
+    viewer.status = str(exc) or "The project is open read-only: labels cannot be changed."
+
+
+def relabel_quietly(viewer: napari.viewer.Viewer, rows: Any, label: str | None) -> list[str]:
+    """``review.relabel(rows, label)``; on a read-only project, a status-bar line instead.
+
+    Keys and tools that relabel (number keys on ``cells`` layers and maps, the map's
+    lasso) go through here, so a read-only project never raises into napari.
+    Returns the ids whose label changed (none on a read-only project).
+    """
+    try:
+        return get_review(viewer).relabel(rows, label)
+    except ProjectReadOnlyError as exc:
+        say_read_only(viewer, exc)
+        return []
+
+
 def label_selection_by_key(viewer: napari.viewer.Viewer, key: int) -> list[str]:
     """What a number key does in any view: 1-9 a class, 0 Not classed, -1 clear the label.
 
-    Applies to the session's selected cells; returns the ids whose label changed.
+    Applies to the session's selected cells; returns the ids whose label changed. On a
+    read-only project nothing changes and the status bar says why.
     """
     state = get_retrainer(viewer)
-    if key < 0:
-        return state.clear_selection_labels()
-    return state.relabel_selection_key(key)
+    try:
+        if key < 0:
+            return state.clear_selection_labels()
+        return state.relabel_selection_key(key)
+    except ProjectReadOnlyError as exc:
+        say_read_only(viewer, exc)
+        return []
 
 
 def undo_or_redo(viewer: napari.viewer.Viewer, redo: bool = False) -> bool:
-    """Ctrl+Z (``redo=False``) or Ctrl+Shift+Z in any view; True if something changed."""
+    """Ctrl+Z (``redo=False``) or Ctrl+Shift+Z in any view; True if something changed.
+
+    On a read-only project nothing changes and the status bar says why.
+    """
     review = get_review(viewer)
-    return review.redo() if redo else review.undo()
+    try:
+        return review.redo() if redo else review.undo()
+    except ProjectReadOnlyError as exc:
+        say_read_only(viewer, exc)
+        return False
 
 
 def bind_review_keys(viewer: napari.viewer.Viewer, layer: Any) -> None:

@@ -11,6 +11,7 @@ replaced or the widget dies.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -61,7 +62,22 @@ def disconnect_all(slots: list[tuple[Any, Callable]]) -> None:
     slots.clear()
 
 
+def _is_qt_signal(signal: Any) -> bool:
+    return type(signal).__module__.split(".")[0] in ("PyQt5", "PyQt6", "PySide2", "PySide6")
+
+
 def disconnect_groups(groups: dict[str, list[tuple[Any, Callable]]], *_args: Any) -> None:
-    """:func:`disconnect_all` for each group (e.g. ``{"session": [...], "table": [...]}``)."""
+    """:func:`disconnect_all` for each group (e.g. ``{"session": [...], "table": [...]}``).
+
+    Connected to a widget's ``destroyed``: only the psygnal connections (session, table,
+    review) are dropped by hand. Qt drops a dead receiver's Qt connections itself, and
+    touching the Qt signal of another object that is being torn down (at interpreter
+    exit, Qt deletes objects in no fixed order) crashed the process.
+    """
+    if sys.is_finalizing():
+        for slots in groups.values():
+            slots.clear()
+        return
     for slots in groups.values():
+        slots[:] = [(signal, slot) for signal, slot in slots if not _is_qt_signal(signal)]
         disconnect_all(slots)

@@ -82,8 +82,12 @@ def saved_events(table: CellTable) -> pd.DataFrame:
 
 
 def _pending(table: CellTable) -> pd.DataFrame:
+    """Changes not yet saved into the project: kept in memory, then in the journal."""
+    records = list(getattr(table, "_unsaved_records", []))
     journal = getattr(table, "journal", None)
-    return _empty() if journal is None else journal_events(journal.records())
+    if journal is not None:
+        records += journal.records()
+    return journal_events(records) if records else _empty()
 
 
 def _fill_old(events: pd.DataFrame) -> pd.DataFrame:

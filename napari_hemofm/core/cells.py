@@ -159,6 +159,9 @@ class CellTable:
         self._position: pd.Series | None = None
         #: Label journal (see :mod:`~.journal`); set by load/save of a project file.
         self.journal: LabelJournal | None = None
+        #: Label records of changes made while no journal was attached (see
+        #: :func:`~.journal.before_save`): the audit trail of a never-saved session.
+        self._unsaved_records: list[dict[str, Any]] = []
         for name in ("label", "prediction"):
             self._register_classes(adata.obs[name].dropna().unique(), emit=False)
 
@@ -363,6 +366,12 @@ class CellTable:
             # on disk before the change exists anywhere else: an acknowledged label
             # survives; "old" lets the journal tell who changed what from what
             self.journal.append(ids, values, origin=origin, old=previous.tolist())
+        elif origin != "imported":  # labels a project is created with are not changes
+            from napari_hemofm.core.journal import make_record
+
+            self._unsaved_records.append(
+                make_record(ids, values, origin=origin, old=previous.tolist())
+            )
         new_classes = [v for v in dict.fromkeys(values) if v is not None]
         self._register_classes(new_classes)
         for name in ("label", "label_origin"):
@@ -558,6 +567,17 @@ class CellTable:
         from napari_hemofm.core.io import load_project
 
         return load_project(path, **kwargs)
+
+    def take_unsaved_records(self) -> list[dict[str, Any]]:
+        """Label records made while no journal was attached; the list is emptied.
+
+        Returns
+        -------
+        list of dict
+            Journal-format records (:func:`~.journal.make_record`), oldest first.
+        """
+        records, self._unsaved_records = self._unsaved_records, []
+        return records
 
     def close(self) -> None:
         """Release the project's write lock (see :func:`~.io.close_project`)."""

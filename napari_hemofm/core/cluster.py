@@ -115,10 +115,16 @@ def chunk_key(sources: Sequence[Source], job: EmbedJob) -> str:
 
     The job's weights count by content: their sha256 is part of the key (computed here
     when the job does not carry it yet), so the same path holding other weights gives
-    other keys.
+    other keys. So does the backbone's feature version
+    (:attr:`~.models.ModelSpec.feature_version`): chunks of handcrafted features of an
+    older version are not reused.
     """
+    from napari_hemofm.core.models import get_spec
+
     digest = hashlib.blake2b(digest_size=8)
-    digest.update(json.dumps(asdict(with_weights_sha256(job)), sort_keys=True).encode())
+    settings = asdict(with_weights_sha256(job))
+    settings["feature_version"] = get_spec(job.model).feature_version
+    digest.update(json.dumps(settings, sort_keys=True).encode())
     for src in sources:
         try:
             stat = os.stat(src.path)

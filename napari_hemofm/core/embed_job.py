@@ -18,10 +18,11 @@ The rules (DESIGN.md, "The cell table"):
   ``--batch``, the panel) changes no id, no label, no embedding.
 - An image already in the table with the same settings keeps its cells, ids, labels
   and embeddings ("reused"). An image detected again (new settings) has its new cells
-  matched to the old ones by box overlap (:func:`match_boxes`, Hungarian assignment,
-  IoU >= :data:`MIN_IOU`): a matched cell keeps its id and curated label; unmatched new
-  cells get fresh ids; an old cell with a curated label (``label_origin == "user"``)
-  that is not found again is kept, so no clinician's label is lost.
+  matched to the old ones by box overlap (:func:`~.matching.match_boxes`, Hungarian
+  assignment, IoU >= :data:`~.matching.MIN_IOU`): a matched cell keeps its id and
+  curated label; unmatched new cells get fresh ids; an old cell with a curated label
+  (``label_origin == "user"``) that is not found again is kept, so no clinician's
+  label is lost (:func:`~.matching.carry_ids`).
 - A curated label always wins over a crop folder's name.
 - Embeddings of one table come from one model, weights and stain normalisation: a job
   with another one is refused (:class:`EmbedRefused` text in ``outcome.error``)
@@ -44,18 +45,18 @@ import pandas as pd
 
 from napari_hemofm.core.inputs import (
     CELL_COLUMNS,
+    crop_cell,
     default_slide,
-    id_number,
     id_prefix,
-    make_cell_id,
 )
+from napari_hemofm.core.matching import carry_ids
 
 if TYPE_CHECKING:
     from napari_hemofm.core.cells import CellTable
     from napari_hemofm.core.inputs import Scan, Source
+    from napari_hemofm.core.stain import StainNorm
 
 __all__ = [
-    "MIN_IOU",
     "CommitSummary",
     "EmbedJob",
     "EmbedOutcome",
@@ -64,14 +65,9 @@ __all__ = [
     "commit_outcome",
     "embed_into",
     "inputs_from_scan",
-    "match_boxes",
     "run_embed_job",
+    "stain_normaliser",
 ]
-
-#: Smallest box overlap (intersection over union) for a re-detected cell to be the same
-#: cell as an old one. Two detections of one WBC overlap by 0.7-1.0; neighbours rarely
-#: by more than 0.1.
-MIN_IOU = 0.3
 
 #: ``uns["hemofm"]`` key of the per-image detection settings (a JSON object string:
 #: h5ad group names cannot hold the ``/`` of a path).
@@ -259,6 +255,7 @@ class TableState:
         return {
             "model": self.meta.get("model"),
             "weights_sha256": self.meta.get("weights_sha256"),
+            "feature_version": _plain_int(self.meta.get("feature_version")),
             "stain_norm": _stain_of(self.meta),
             "dim": self.dim,
         }
@@ -266,6 +263,11 @@ class TableState:
     def settings(self) -> dict[str, str]:
         """Detection settings per image source, as recorded by earlier runs."""
         return _settings_of(self.meta)
+
+
+def _plain_int(value: Any) -> int | None:
+    """An integer read back from ``uns`` (h5ad returns numpy scalars), or None."""
+    return None if value is None else int(value)
 
 
 def _stain_of(meta: Mapping[str, Any]) -> dict[str, str]:
@@ -366,74 +368,6 @@ def _empty_cells() -> pd.DataFrame:
     )
 
 
-# --------------------------------------------------------------------------- matching
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection over union of two sets of boxes.
-
-    Parameters
-    ----------
-    a : ndarray of shape (n, 4)
-    b : ndarray of shape (m, 4)
-        Boxes ``x0, y0, x1, y1`` (half-open, pixels).
-
-    Returns
-    -------
-    ndarray of shape (n, m)
-        IoU in [0, 1]; 0 for empty boxes.
-    """
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    ix = np.clip(
-        np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]),
-        0,
-        None,
-    )
-    iy = np.clip(
-        np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]),
-        0,
-        None,
-    )
-    inter = ix * iy
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
-
-
-def match_boxes(
-    old: np.ndarray, new: np.ndarray, *, min_iou: float = MIN_IOU
-) -> list[tuple[int, int]]:
-    """Pair old and new boxes of one image, one to one, by largest total overlap.
-
-    Parameters
-    ----------
-    old : ndarray of shape (n, 4)
-    new : ndarray of shape (m, 4)
-        Boxes ``x0, y0, x1, y1``.
-    min_iou : float
-        Pairs overlapping less are not matched.
-
-    Returns
-    -------
-    list of (int, int)
-        ``(old index, new index)`` pairs, sorted by new index.
-
-    Notes
-    -----
-    The Hungarian assignment (:func:`scipy.optimize.linear_sum_assignment`) maximises
-    the summed IoU, so two close cells are never both given the same old id.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    if len(old) == 0 or len(new) == 0:
-        return []
-    iou = box_iou(old, new)
-    rows, cols = linear_sum_assignment(-iou)
-    pairs = [(int(i), int(j)) for i, j in zip(rows, cols, strict=True) if iou[i, j] >= min_iou]
-    return sorted(pairs, key=lambda p: p[1])
-
-
 # ------------------------------------------------------------------------------ run
 def _crop_row(image: ImageInput) -> dict[str, Any]:
     """The one cell of a crop (its file's header gives the size), as a row dict."""
@@ -444,21 +378,16 @@ def _crop_row(image: ImageInput) -> dict[str, Any]:
     else:
         height, width = image_size(image.source)
     batch = image.batch or image.input_name
-    return {
-        "cell_id": make_cell_id(image.input_name, image.rel, 0),
-        "source": image.source,
-        "batch": batch,
-        "slide": image.slide or default_slide("crop", image.prefix, batch),
-        "x": width / 2.0,
-        "y": height / 2.0,
-        "x0": 0,
-        "y0": 0,
-        "x1": width,
-        "y1": height,
-        "score": 1.0,
-        "label": image.label,
-        "kind": "crop",
-    }
+    row = crop_cell(
+        image.input_name,
+        image.rel,
+        image.source,
+        size=(height, width),
+        batch=batch,
+        slide=image.slide or default_slide("crop", image.prefix, batch),
+        label=image.label,
+    )
+    return row | {"kind": "crop"}
 
 
 def _cells_of(image: ImageInput, job: EmbedJob) -> tuple[pd.DataFrame, str | None]:
@@ -517,38 +446,59 @@ def _read_for_reference(source: str, images: Mapping[str, Any]) -> np.ndarray | 
     return to_rgb8(data)
 
 
-def _normaliser(
-    job: EmbedJob,
-    state: TableState,
-    inputs: Sequence[ImageInput],
-    images: Mapping[str, Any],
+def stain_normaliser(
+    setting: StainNorm | Mapping[str, Any] | None,
+    obs: pd.DataFrame,
+    images: Mapping[str, Any] | None = None,
+    inputs: Sequence[ImageInput] = (),
 ) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The stain normaliser of a job (None for ``"none"``).
+    """The stain normaliser of a setting, its reference batch read from the cells' images.
 
-    A reference that names a batch takes up to :data:`N_REFERENCE_IMAGES` images of
-    that batch (this run's images first, then the table's).
+    The one place a setting's ``reference`` is resolved: the embedding job and the Batch
+    view's before / after stain plots both call it.
+
+    Parameters
+    ----------
+    setting : StainNorm or mapping or str or None
+        The setting, or ``uns["hemofm"]["stain_norm"]`` as stored (a dict, or a JSON
+        string); None is ``"none"``.
+    obs : pandas.DataFrame
+        Cells with ``batch`` and ``source`` columns (a table's ``obs``): the images of
+        a reference batch are the sources of its cells.
+    images : mapping of str to array, optional
+        In-memory images by source name (napari layers), read before the files.
+    inputs : sequence of ImageInput, optional
+        Images of a run not in ``obs`` yet; they come first for their batch.
+
+    Returns
+    -------
+    callable or None
+        ``normalise(rgb8 image (h, w, 3)) -> rgb8 image (h, w, 3)``; None for
+        ``"none"``. A reference that names a batch takes up to
+        :data:`N_REFERENCE_IMAGES` images of that batch.
 
     Raises
     ------
     ValueError
         Unknown method, or a reference that is neither a batch nor a readable file.
     """
-    if job.stain_norm == "none":
-        return None
     from pathlib import Path
 
     from napari_hemofm.core.stain import StainNorm, build_normaliser
 
-    setting = StainNorm(method=job.stain_norm, reference=job.stain_reference)
-    ref = job.stain_reference
+    if not isinstance(setting, StainNorm):  # a dict, or uns' value as read back
+        setting = StainNorm.from_dict(_stain_of({"stain_norm": setting}))
+    if not setting.active:
+        return None
+    images = {} if images is None else images
+    ref = setting.reference
     if not ref:
         return build_normaliser(setting)
-    batches = {im.batch or im.input_name for im in inputs} | set(
-        state.obs["batch"].astype(str).unique()
-    )
+    batch_col = obs["batch"].astype(str) if "batch" in obs.columns else pd.Series(dtype=str)
+    batches = {im.batch or im.input_name for im in inputs} | set(batch_col.unique())
     if ref in batches:
         sources = [im.source for im in inputs if (im.batch or im.input_name) == ref]
-        known = state.obs.loc[state.obs["batch"].astype(str) == ref, "source"].astype(str)
+        known = obs.loc[batch_col == ref, "source"].astype(str)
         sources += [s for s in pd.unique(known) if s not in sources]
         chosen = []
         for src in sources:
@@ -576,6 +526,12 @@ def _differs(old: Mapping[str, Any] | None, meta: Mapping[str, Any], stain: dict
         return f"were embedded with {old.get('model')}, not {meta.get('model')}"
     if old.get("weights_sha256") != meta.get("weights_sha256"):
         return f"were embedded with other {meta.get('model')} weights"
+    new_version = _plain_int(meta.get("feature_version"))
+    if old.get("feature_version") != new_version:
+        return (
+            f"were embedded with version {old.get('feature_version') or 'unknown'} of "
+            f"{meta.get('model')}'s features, not version {new_version}"
+        )
     if old.get("dim") and meta.get("embedding_dim") and old["dim"] != meta["embedding_dim"]:
         return (
             f"have {old['dim']}-dimensional embeddings, {meta.get('model')} now gives "
@@ -751,7 +707,7 @@ def run_embed_job(
             return outcome
         # ---------------------------------------------------------------- embed
         say("embed")
-        normalise = _normaliser(job, state, inputs, images)
+        normalise = stain_normaliser(job.stain_setting(), state.obs, images, inputs)
         cols = ["source", "x0", "y0", "x1", "y1"]
         frame = pd.concat([cells[cols], extra[cols]], ignore_index=True)
         result = embed_cells(
@@ -815,108 +771,6 @@ class CommitSummary:
     changed: bool = False
 
 
-def _fresh_prefix(prefix: str, source: str, owner: dict[str, str]) -> str:
-    """``prefix``, or ``input_2/rel``, ``input_3/rel``... when another source owns it."""
-    if owner.get(prefix, source) == source:
-        return prefix
-    head, _, rel = prefix.partition("/")
-    k = 2
-    while owner.get(f"{head}_{k}/{rel}", source) != source:
-        k += 1
-    return f"{head}_{k}/{rel}"
-
-
-def _assign_ids(
-    table: CellTable, outcome: EmbedOutcome
-) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Final ids and carried labels of the outcome's cells.
-
-    Returns
-    -------
-    (cells, drop, keep_unmatched)
-        ``cells`` re-indexed by final id with ``label`` / ``label_origin``; boolean masks
-        over the table's rows: cells to drop (old cells of re-detected images), and
-        which of those are curated cells kept because nothing matched them.
-    """
-    obs = table.obs
-    sources = obs["source"].astype(str).to_numpy()
-    prefixes = id_prefix(obs.index)
-    numbers = id_number(obs.index)
-    first = pd.DataFrame({"p": prefixes, "s": sources}).drop_duplicates("p")
-    owner: dict[str, str] = dict(zip(first["p"], first["s"], strict=True))
-    redetected = set(outcome.redetected)
-    drop = np.isin(sources, list(redetected))
-    keep_unmatched = np.zeros(len(obs), bool)
-    cells = outcome.cells.copy()
-    cells["label"] = cells["label"].astype(object)
-    cells["label_origin"] = pd.Series(
-        np.where(cells["label"].notna(), "imported", None), index=cells.index, dtype=object
-    )
-    new_ids = np.empty(len(cells), dtype=object)
-    cell_sources = cells["source"].astype(str).to_numpy()
-    old_boxes = obs[["x0", "y0", "x1", "y1"]].to_numpy(np.int64)
-    old_label = obs["label"].astype(object).to_numpy()
-    old_origin = obs["label_origin"].astype(object).to_numpy()
-    new_label = cells["label"].to_numpy(dtype=object)
-    new_origin = cells["label_origin"].to_numpy(dtype=object)
-    new_boxes = cells[["x0", "y0", "x1", "y1"]].to_numpy(np.int64)
-    provisional = id_number(cells.index)
-    prov_prefix = id_prefix(cells.index)
-    prov_ids = cells.index.to_numpy(dtype=object)
-    curated = (old_origin == "user") & pd.notna(old_label)
-    # row positions per source, in one pass each (O(n), not one scan per source)
-    new_groups = pd.Series(np.arange(len(cells))).groupby(cell_sources, sort=False).indices
-    old_groups = pd.Series(np.arange(len(obs))).groupby(sources, sort=False).indices
-    no_rows = np.zeros(0, np.int64)
-    for src, mine in new_groups.items():
-        mine = np.sort(mine)
-        olds = np.sort(old_groups.get(src, no_rows))
-        if len(olds):
-            prefix = prefixes[olds[0]]
-            next_n = int(numbers[olds].max()) + 1
-        else:
-            prefix = _fresh_prefix(prov_prefix[mine[0]], src, owner)
-            owner[prefix] = src
-            next_n = 0
-            if prefix == prov_prefix[mine[0]]:  # the common case: ids as provisionally given
-                new_ids[mine] = prov_ids[mine]
-                continue
-        matched_new: set[int] = set()
-        matched_old: set[int] = set()
-        for i, j in match_boxes(old_boxes[olds], new_boxes[mine]):
-            o, n = olds[i], mine[j]
-            matched_old.add(o)
-            new_ids[n] = obs.index[o]
-            matched_new.add(n)
-            if pd.notna(old_label[o]) and (curated[o] or pd.isna(new_label[n])):
-                new_label[n], new_origin[n] = old_label[o], old_origin[o]
-        for n in mine:
-            if n in matched_new:
-                continue
-            if len(olds):  # above every number the image had: never an old id
-                new_ids[n] = f"{prefix}#{next_n}"
-                next_n += 1
-            else:  # a new image: numbered in detection order, as the CLI does
-                new_ids[n] = f"{prefix}#{provisional[n]}"
-        for o in olds:
-            if o not in matched_old and curated[o]:
-                keep_unmatched[o] = True
-    # a crop folder's class never overwrites a curated label (kept when matched)
-    cells["label"] = new_label
-    cells["label_origin"] = new_origin
-    cells.index = pd.Index(new_ids, name="cell_id")
-    # slide defaults follow the final prefix
-    if "slide" in cells.columns:
-        smear = (cells["kind"] == "smear").to_numpy()
-        final_prefix = id_prefix(cells.index)
-        orig_prefix = prov_prefix
-        auto = cells["slide"].astype(object).to_numpy() == orig_prefix
-        slide = cells["slide"].astype(object).to_numpy()
-        slide[smear & auto] = final_prefix[smear & auto]
-        cells["slide"] = slide
-    return cells, drop & ~keep_unmatched, keep_unmatched
-
-
 def commit_outcome(table: CellTable, outcome: EmbedOutcome) -> CommitSummary:
     """Write a run's outcome into the table (call on the thread that owns the table).
 
@@ -947,7 +801,7 @@ def commit_outcome(table: CellTable, outcome: EmbedOutcome) -> CommitSummary:
             "added; run again.",
         )
     dim = outcome.embeddings.shape[1] if outcome.embeddings.ndim == 2 else 0
-    cells, drop, kept = _assign_ids(table, outcome)
+    cells, drop, kept = carry_ids(table.obs, outcome.cells, outcome.redetected)
     # cells whose id is also an unmatched-but-kept old id cannot happen: matched ids
     # come from dropped rows, fresh ones are above every old number of the prefix
     new_emb = outcome.embeddings

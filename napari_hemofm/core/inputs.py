@@ -262,13 +262,42 @@ def default_slide(kind: SourceKind, prefix: str, batch: str) -> str:
     return batch if kind == "crop" else prefix
 
 
-def _crop_row(source: Source) -> dict:
-    height, width = image_size(source.path)
+def crop_cell(
+    input_name: str,
+    rel: str,
+    source: str,
+    *,
+    size: tuple[int, int],
+    batch: str,
+    slide: str,
+    label: str | None,
+) -> dict[str, Any]:
+    """The one cell of a single-cell crop, as a cell-table row: the whole image.
+
+    Parameters
+    ----------
+    input_name, rel : str
+        Its input's name and its path relative to the input (the id's parts).
+    source : str
+        The image file.
+    size : tuple of int
+        ``(height, width)`` of the image.
+    batch, slide : str
+    label : str or None
+        The crop folder's class.
+
+    Returns
+    -------
+    dict
+        ``cell_id`` (number 0), ``source``, ``batch``, ``slide``, the centre, the box
+        ``0, 0, width, height``, ``score`` 1 and ``label``.
+    """
+    height, width = size
     return {
-        "cell_id": make_cell_id(source.input_name or source.batch, source.rel, 0),
-        "source": str(source.path),
-        "batch": source.batch,
-        "slide": default_slide("crop", source.id_prefix, source.batch),
+        "cell_id": make_cell_id(input_name, rel, 0),
+        "source": source,
+        "batch": batch,
+        "slide": slide,
         "x": width / 2.0,
         "y": height / 2.0,
         "x0": 0,
@@ -276,8 +305,20 @@ def _crop_row(source: Source) -> dict:
         "x1": width,
         "y1": height,
         "score": 1.0,
-        "label": source.label,
+        "label": label,
     }
+
+
+def _crop_row(source: Source) -> dict:
+    return crop_cell(
+        source.input_name or source.batch,
+        source.rel,
+        str(source.path),
+        size=image_size(source.path),
+        batch=source.batch,
+        slide=default_slide("crop", source.id_prefix, source.batch),
+        label=source.label,
+    )
 
 
 def detections_to_cells(

@@ -690,7 +690,8 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b)
+    """Whether two names are one project file (links resolved, as for its journal)."""
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def save_project(table: CellTable, path: str | Path) -> Path:

@@ -63,8 +63,13 @@ def _stem(project: Path) -> str:
 
 
 def journal_path(project: str | Path) -> Path:
-    """``<name>.labels.jsonl`` beside the project file ``<name>.h5ad``."""
-    project = Path(project)
+    """``<name>.labels.jsonl`` beside the project file ``<name>.h5ad``.
+
+    Symbolic links are resolved first: a project opened through a link keeps its journal
+    beside the real file, where its data is written (and where the lock is, see
+    :func:`~.lock.lock_path`), whichever name opened it.
+    """
+    project = Path(os.path.realpath(Path(project).expanduser()))
     return project.with_name(_stem(project) + JOURNAL_SUFFIX)
 
 
@@ -272,15 +277,7 @@ class LabelJournal:
             When this session holds no lock and another process has the project open.
         """
         self._check_writable()
-        record: dict[str, Any] = {
-            "time": _now(),
-            "user": self.user,
-            "origin": origin,
-            "cell_ids": [str(c) for c in cell_ids],
-            "labels": [None if v is None else str(v) for v in labels],
-        }
-        if old is not None:
-            record["old"] = [_text_or_none(v) for v in old]
+        record = make_record(cell_ids, labels, origin=origin, old=old, user=self.user)
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock, self._write_lock():
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -387,10 +384,16 @@ class LabelJournal:
             table.set_classes([*table.classes, *new_classes])
         last = frame.drop_duplicates("cell_id", keep="last")
         origin_of = last["origin"].where(last["label"].notna(), "user")
+        # a replay is not a new change: a table without a journal attached (read-only
+        # open) would keep these as unsaved records, twins of the journal's own
+        unsaved = getattr(table, "_unsaved_records", None)
+        keep = len(unsaved) if unsaved is not None else 0
         for origin, group in last.groupby(origin_of.to_numpy(), sort=False):
             table.set_labels(
                 group["cell_id"].tolist(), group["label"].tolist(), origin=str(origin)
             )
+        if unsaved is not None:
+            del unsaved[keep:]
         return len(np.unique(rec_of[is_known]))
 
     def repair(
@@ -460,6 +463,45 @@ class LabelJournal:
                     os.fsync(fh.fileno())
         _warn(self, found, len(unknown_recs), moved=True)
         return len(moved)
+
+
+def make_record(
+    cell_ids: Sequence[str],
+    labels: Sequence[str | None],
+    *,
+    origin: str = "user",
+    old: Sequence[Any] | None = None,
+    user: str | None = None,
+) -> dict[str, Any]:
+    """One label record, as the journal writes it and the audit trail reads it.
+
+    Parameters
+    ----------
+    cell_ids : sequence of str, length n
+    labels : sequence of str or None, length n
+        The new labels (None = removed).
+    origin : str
+        ``label_origin`` of the change.
+    old : sequence, length n, optional
+        The labels before the change.
+    user : str, optional
+        Who made it (default: :func:`current_user`).
+
+    Returns
+    -------
+    dict
+        ``{"time", "user", "origin", "cell_ids", "labels"[, "old"]}``.
+    """
+    record: dict[str, Any] = {
+        "time": _now(),
+        "user": user or current_user(),
+        "origin": origin,
+        "cell_ids": [str(c) for c in cell_ids],
+        "labels": [None if v is None else str(v) for v in labels],
+    }
+    if old is not None:
+        record["old"] = [_text_or_none(v) for v in old]
+    return record
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -535,6 +577,9 @@ def before_save(table: CellTable) -> list[dict[str, Any]]:
 
     journal = table.journal
     records = [] if journal is None else journal.records()
+    # changes made before the table had a project file (a new napari session): kept in
+    # memory by the table, so the first save puts them in the audit trail too
+    records = [*table.take_unsaved_records(), *records]
     if records:
         absorb_records(table, records)  # the audit trail keeps them in uns["hemofm"]
     for hook in list(SAVE_HOOKS):

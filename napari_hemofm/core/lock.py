@@ -115,8 +115,12 @@ class LockInfo:
 
 
 def lock_path(project: str | Path) -> Path:
-    """``<name>.lock`` beside the project file ``<name>.h5ad``."""
-    project = Path(project)
+    """``<name>.lock`` beside the project file ``<name>.h5ad``.
+
+    Symbolic links are resolved first, so two processes that open one project through
+    different names (a link and its target) meet at the same lock, beside the real file.
+    """
+    project = Path(os.path.realpath(Path(project).expanduser()))
     stem = project.name[: -len(".h5ad")] if project.name.endswith(".h5ad") else project.name
     return project.with_name(stem + LOCK_SUFFIX)
 

@@ -100,6 +100,19 @@ class ModelSpec:
         """True for the DinoBloom models, False for ``handcrafted``."""
         return self.arch is not None
 
+    @property
+    def feature_version(self) -> int | None:
+        """Version of the handcrafted features, else None.
+
+        :data:`~.features.FEATURE_VERSION` is bumped when the vector changes meaning;
+        DinoBloom has none (its weights' sha256 says which embeddings it gives).
+        """
+        if self.needs_weights:
+            return None
+        from napari_hemofm.core.features import FEATURE_VERSION
+
+        return FEATURE_VERSION
+
 
 def _dinobloom_spec(
     letter: str, size: str, dim: int, depth: int, heads: int, n_params: int, mb: str

@@ -218,6 +218,9 @@ def group_values(table: CellTable, by: GroupBy) -> np.ndarray:
     if by not in obs.columns:
         raise ValueError(f"no column {by!r} to group by; columns are {list(obs.columns)}")
     values = obs[by].astype(object)
+    if by == "slide" and "batch" in obs.columns:
+        # a cell without a slide (crops, 0.1 projects) counts as its batch (DESIGN.md)
+        values = values.where(values.notna(), obs["batch"].astype(object))
     return values.where(values.notna(), "(none)").astype(str).to_numpy()
 
 

@@ -1,9 +1,9 @@
 """Label-aware per-batch alignment and the scoped "Label next" of a new lab."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
+from napari_hemofm._testing import table_of
 from napari_hemofm.core.alignment import align, class_mean_offsets
 from napari_hemofm.core.cells import CellTable
 from napari_hemofm.core.probe import LiveProbe
@@ -86,22 +86,13 @@ def lab_table(shift=3.0, seed=0):
     centres = np.random.default_rng(100).normal(0, 3, size=(len(CLASSES), 12))
     X, y, g = two_labs(shift=shift * (centres[1] - centres[0]), seed=seed)
     n = len(X)
-    frame = pd.DataFrame(
-        {
-            "source": [f"{g[i]}/{i}.png" for i in range(n)],
-            "batch": g,
-            "slide": [f"{g[i]}{i % 3}" for i in range(n)],
-            "x": 1.0,
-            "y": 1.0,
-            "x0": 0,
-            "y0": 0,
-            "x1": 4,
-            "y1": 4,
-        },
-        index=[f"c{i:04d}" for i in range(n)],
+    table = table_of(
+        [f"c{i:04d}" for i in range(n)],
+        source=[f"{g[i]}/{i}.png" for i in range(n)],
+        batch=g,
+        slide=[f"{g[i]}{i % 3}" for i in range(n)],
+        embeddings=X,
     )
-    table = CellTable()
-    table.add_cells(frame, embeddings=X)
     a = np.flatnonzero(g == "A")
     table.set_labels(table.cell_ids[a].tolist(), y[a].tolist(), origin="imported")
     return table, y, g

@@ -22,7 +22,6 @@ from napari_hemofm.core.appearance import (
 from napari_hemofm.core.cells import CellTable
 from napari_hemofm.core.synthetic import BatchEffect, make_crop
 
-DATA = Path(__file__).parents[2].parent / "shared" / "data"
 GLASS = (245, 235, 225)
 PURPLE = (110, 60, 150)  # a stained nucleus
 CYTO = (205, 170, 195)
@@ -268,11 +267,7 @@ def test_table_appearance_cancel_returns_what_was_measured():
     assert len(out) == 2
 
 
-@pytest.mark.skipif(
-    not (DATA / "pbc_dev").is_dir() or not (DATA / "bccd_crops").is_dir(),
-    reason="needs ../shared/data/pbc_dev and bccd_crops (the two-lab data)",
-)
-def test_real_labs_differ_in_stain():
+def test_real_labs_differ_in_stain(shared_data):
     """PBC (CellaVision) neutrophils are stained darker than BCCD's (higher nucleus OD)."""
     from napari_hemofm.core.io import read_image
 
@@ -280,8 +275,8 @@ def test_real_labs_differ_in_stain():
         files = sorted(folder.glob("*.jp*g"))[:12]
         return appearance_stats([read_image(f) for f in files])
 
-    pbc = stats(DATA / "pbc_dev" / "neutrophil")
-    bccd = stats(DATA / "bccd_crops" / "neutrophil")
+    pbc = stats(shared_data / "pbc_dev" / "neutrophil")
+    bccd = stats(shared_data / "bccd_crops" / "neutrophil")
     assert pbc["segmented"].mean() > 0.9
     assert bccd["segmented"].mean() > 0.9
     assert pbc["nucleus_od"].median() > bccd["nucleus_od"].median() + 0.2

@@ -75,3 +75,27 @@ def test_audit_trail_lists_relabels_sign_offs_and_verifications_in_time_order(tm
     assert trail["user"].tolist()[2:] == ["dr_a", "dr_b"]
     assert "3 white cells" in trail["detail"].iat[2]
     assert trail["group"].iat[2] == "source=s"
+
+
+def test_changes_before_the_first_save_reach_the_audit_trail(tmp_path):
+    """A new session relabels cells before it has a project file (no journal): the
+    cell's history shows the change at once, and the first save keeps it in the
+    project's audit trail, so reopening still tells who changed what from what."""
+    from napari_hemofm._testing import make_cell_table
+    from napari_hemofm.core.audit import audit_trail, cell_history
+    from napari_hemofm.core.cells import CellTable
+
+    table = make_cell_table(20, seed=3, labelled=0.0)
+    cid = table.cell_ids[0]
+    table.set_labels([cid], "monocyte", origin="user")
+    table.set_labels([cid], "lymphocyte", origin="user")
+    history = cell_history(table, cid)
+    assert list(history["new"]) == ["monocyte", "lymphocyte"]
+    assert list(history["old"]) == ["", "monocyte"]
+    path = table.save(tmp_path / "p.h5ad")
+    table.close()
+    reopened = CellTable.load(path, mode="r")
+    trail = audit_trail(reopened)
+    mine = trail[trail["cell_id"] == cid] if "cell_id" in trail else trail
+    assert len(mine) >= 2
+    assert list(cell_history(reopened, cid)["new"]) == ["monocyte", "lymphocyte"]

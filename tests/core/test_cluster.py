@@ -1,5 +1,6 @@
 """Scale-out on Dask: the same project as one machine, and resumable."""
 
+import distributed  # noqa: F401  (the cluster extra: installed by the test extra)
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,8 +17,6 @@ from napari_hemofm.core.cluster import (
 )
 from napari_hemofm.core.inputs import scan_inputs
 from napari_hemofm.core.synthetic import make_smear, write_crop_folder
-
-pytest.importorskip("distributed")
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +90,22 @@ def test_chunk_key_follows_the_weights_content_not_only_their_path(inputs, tmp_p
     assert chunk_key(sources, job) == first  # the old content again: the old chunks count
     # without weights nothing is hashed and the key is the path-free job's
     assert with_weights_sha256(EmbedJob(model="handcrafted")).weights_sha256 is None
+
+
+def test_chunk_key_follows_the_handcrafted_feature_version(inputs, monkeypatch):
+    """A bump of the handcrafted features' version (same name, same dimension) gives
+    other chunk keys, so a resumed run does not reuse chunks of the old features;
+    DinoBloom's keys do not depend on it."""
+    from napari_hemofm.core import features
+
+    sources = scan_inputs(inputs).sources[:3]
+    handcrafted, dino = EmbedJob(model="handcrafted"), EmbedJob(model="dinobloom-s")
+    first, first_dino = chunk_key(sources, handcrafted), chunk_key(sources, dino)
+    monkeypatch.setattr(features, "FEATURE_VERSION", features.FEATURE_VERSION + 1)
+    assert chunk_key(sources, handcrafted) != first
+    assert chunk_key(sources, dino) == first_dino
+    monkeypatch.undo()
+    assert chunk_key(sources, handcrafted) == first
 
 
 def test_two_worker_cluster_gives_the_single_process_project(inputs, single, tmp_path):

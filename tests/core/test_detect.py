@@ -30,8 +30,6 @@ from napari_hemofm.core.detect import (
     match_detections,
 )
 
-BCCD = Path(__file__).parents[2] / ".." / "shared" / "data" / "bccd"
-
 # Colours of a toy Wright-Giemsa field (RGB 0-255): glass, RBC, nucleus.
 GLASS = (222, 214, 212)
 RBC = (190, 150, 152)
@@ -337,9 +335,9 @@ def test_detect_is_deterministic_and_sorted():
 
 @pytest.fixture(scope="module")
 def synthetic():
-    return pytest.importorskip(
-        "napari_hemofm.core.synthetic", reason="synthetic smear generator not available"
-    )
+    import napari_hemofm.core.synthetic as synthetic
+
+    return synthetic
 
 
 def test_detect_on_synthetic_smears(synthetic):
@@ -428,19 +426,18 @@ def test_memmap_mosaic_bounded_memory(synthetic, tmp_path):
 
 
 @pytest.mark.data
-def test_bccd_recall_precision():
+def test_bccd_recall_precision(shared_data):
     """On all 292 BCCD smears, pooled recall >= 0.95 and precision >= 0.90 against the WBC boxes
     (a detection matches a box holding its centre, one to one)."""
-    if not (BCCD / "JPEGImages").is_dir():
-        pytest.skip(f"BCCD data not found at {BCCD.resolve()} (../shared/data/bccd)")
+    bccd = shared_data / "bccd"
     from PIL import Image
 
-    jpgs = sorted((BCCD / "JPEGImages").glob("*.jpg"))
+    jpgs = sorted((bccd / "JPEGImages").glob("*.jpg"))
     assert len(jpgs) == 292
     n_boxes = n_dets = n_matched = 0
     for jpg in jpgs:
         image = np.asarray(Image.open(jpg).convert("RGB"))
-        boxes = voc_wbc_boxes(BCCD / "Annotations" / f"{jpg.stem}.xml")
+        boxes = voc_wbc_boxes(bccd / "Annotations" / f"{jpg.stem}.xml")
         df = detect_wbcs(image)
         n_boxes += len(boxes)
         n_dets += len(df)

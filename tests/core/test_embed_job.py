@@ -5,7 +5,6 @@ import threading
 import anndata as ad
 import numpy as np
 import pandas as pd
-import pytest
 from PIL import Image
 
 from napari_hemofm.core.cells import CellTable
@@ -16,11 +15,11 @@ from napari_hemofm.core.embed_job import (
     commit_outcome,
     embed_into,
     inputs_from_scan,
-    match_boxes,
     run_embed_job,
 )
 from napari_hemofm.core.inputs import scan_inputs
-from napari_hemofm.core.io import load_project, save_project
+from napari_hemofm.core.io import close_project, load_project, save_project
+from napari_hemofm.core.matching import match_boxes
 from napari_hemofm.core.synthetic import make_smear, write_crop_folder
 
 
@@ -36,20 +35,6 @@ def embed(table, inputs, **kw):
     table, summary, outcome = embed_into(table, EmbedJob(batch_size=4), inputs, **kw)
     assert outcome.error is None, outcome.error
     return table, summary, outcome
-
-
-def test_match_boxes_recovers_a_shuffled_jittered_set():
-    """Shuffled boxes moved by a few pixels are paired with their originals; a box that
-    overlaps nothing above the floor stays unmatched."""
-    rng = np.random.default_rng(0)
-    xy = rng.uniform(0, 1000, (20, 2)) + np.arange(20)[:, None] * 120
-    old = np.column_stack([xy, xy + 60]).astype(int)
-    perm = rng.permutation(20)
-    new = old[perm] + rng.integers(-5, 6, (20, 4))
-    new = np.vstack([new, [[5000, 5000, 5060, 5060]]])
-    pairs = match_boxes(old, new)
-    assert len(pairs) == 20
-    assert all(perm[j] == i for i, j in pairs)
 
 
 def test_ids_do_not_depend_on_the_batch_and_batch_edits_change_nothing_else(tmp_path):
@@ -192,7 +177,6 @@ def test_another_model_is_refused_unless_reembed(tmp_path):
 
 def test_another_stain_setting_is_refused(tmp_path):
     """Stain normalisation is a project setting: adding with another one is refused."""
-    pytest.importorskip("napari_hemofm.core.stain")
     folder = write_smears(tmp_path / "ward", seeds=(6, 7))
     inputs = inputs_from_scan(scan_inputs([folder]))
     table, _, _ = embed(CellTable(), inputs[:1])
@@ -203,6 +187,38 @@ def test_another_stain_setting_is_refused(tmp_path):
     new, _, outcome = embed_into(table, job, inputs, reembed=True)
     assert outcome.error is None
     assert new.meta["stain_norm"] == {"method": "reinhard"}
+
+
+def test_a_feature_version_bump_is_a_model_change(tmp_path):
+    """Handcrafted features of another version (same model name, same dimension) do not
+    mix with the current ones: adding is refused until every cell is re-embedded; the
+    same version read back from a saved project is accepted."""
+    from napari_hemofm.core.features import FEATURE_VERSION
+
+    root = tmp_path / "lab"
+    write_crop_folder(root, n_per_class=2, seed=0, size=64)
+    inputs = inputs_from_scan(scan_inputs([root]))
+    table, _, _ = embed(CellTable(), inputs[:4])
+    assert table.meta["feature_version"] == FEATURE_VERSION
+    path = save_project(table, tmp_path / "p.h5ad")
+    table.close()
+    reopened = load_project(path)
+    grown, _, outcome = embed_into(reopened, EmbedJob(batch_size=4), inputs[:6])
+    assert outcome.error is None, outcome.error  # same version (a numpy int once saved)
+    assert grown.n_cells == 6
+    grown.update_meta(feature_version=FEATURE_VERSION - 1)
+    before = grown.embeddings.copy()
+    _, _, outcome = embed_into(grown, EmbedJob(batch_size=4), inputs)
+    assert outcome.error is not None
+    assert f"version {FEATURE_VERSION - 1}" in outcome.error
+    assert f"not version {FEATURE_VERSION}" in outcome.error
+    assert grown.n_cells == 6
+    np.testing.assert_array_equal(grown.embeddings, before)
+    new, _, outcome = embed_into(grown, EmbedJob(batch_size=4), inputs, reembed=True)
+    assert outcome.error is None
+    assert new.meta["feature_version"] == FEATURE_VERSION
+    assert new.n_cells == len(inputs)
+    close_project(reopened)
 
 
 def test_unreadable_files_are_skipped_not_added(tmp_path):
@@ -273,7 +289,16 @@ def test_a_0_1_project_opens_unchanged_and_takes_new_cells(tmp_path):
     dim = load_backbone("handcrafted").dim
     x = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
     adata = ad.AnnData(obs=obs, obsm={"X_embed": x})
-    adata.uns["hemofm"] = {"schema_version": 1, "model": "handcrafted", "classes": ["neutrophil"]}
+    from napari_hemofm.core.features import FEATURE_VERSION
+
+    # handcrafted projects record their feature version (0.1 did too); another version
+    # is a model change (test_a_feature_version_bump_is_a_model_change)
+    adata.uns["hemofm"] = {
+        "schema_version": 1,
+        "model": "handcrafted",
+        "feature_version": FEATURE_VERSION,
+        "classes": ["neutrophil"],
+    }
     path = tmp_path / "old.h5ad"
     adata.write_h5ad(path)
 

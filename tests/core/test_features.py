@@ -22,7 +22,6 @@ from napari_hemofm.core.features import (
     segment_cell,
 )
 
-DATA = Path(__file__).parents[2].parent / "shared" / "data"
 DIM = len(FEATURE_NAMES)
 
 GLASS = (250, 228, 204)  # mean colours of PBC neutrophil crops (glass, red cells, ...)
@@ -193,7 +192,8 @@ def test_off_centre_cells_are_ignored():
 def test_segment_cell_on_synthetic_crops():
     """The synthetic generator's lymphocytes and monocytes: a nucleus at the centre
     inside a larger cell; the monocyte's cytoplasm is wider than the lymphocyte's."""
-    synthetic = pytest.importorskip("napari_hemofm.core.synthetic")
+    from napari_hemofm.core import synthetic
+
     ratio = {}
     for label in ("lymphocyte", "monocyte"):
         ratios = []
@@ -299,12 +299,10 @@ def _read_crops(folder: Path) -> tuple[list[np.ndarray], np.ndarray]:
 
 @pytest.mark.data
 @pytest.mark.slow
-def test_knn_balanced_accuracy_on_pbc_dev():
+def test_knn_balanced_accuracy_on_pbc_dev(shared_data):
     """DinoBloom protocol on pbc_dev (800 crops, 8 classes): kNN k=20 on the raw
     vectors, 5-fold StratifiedKFold without shuffle, balanced accuracy >= 0.90."""
-    pbc = DATA / "pbc_dev"
-    if not pbc.is_dir():
-        pytest.skip(f"real data not found at {pbc} (see ../shared/data/README.md)")
+    pbc = shared_data / "pbc_dev"
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import StratifiedKFold
     from sklearn.neighbors import KNeighborsClassifier

@@ -1,9 +1,9 @@
 """The out-of-domain guard: conformal typicality per cell, shift test per group."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
+from napari_hemofm._testing import table_of
 from napari_hemofm.core.cells import CellTable
 from napari_hemofm.core.guard import (
     ALPHA,
@@ -166,21 +166,12 @@ def two_lab_table(seed=0):
     Xb, yb = gaussian_classes(30, seed=seed + 1, shift=3.0)
     X = np.concatenate([Xa, Xb])
     n = len(X)
-    frame = pd.DataFrame(
-        {
-            "source": [f"s{i % 6}.png" for i in range(n)],
-            "batch": ["A"] * len(Xa) + ["B"] * len(Xb),
-            "x": 1.0,
-            "y": 1.0,
-            "x0": 0,
-            "y0": 0,
-            "x1": 4,
-            "y1": 4,
-        },
-        index=[f"c{i:04d}" for i in range(n)],
+    table = table_of(
+        [f"c{i:04d}" for i in range(n)],
+        source=[f"s{i % 6}.png" for i in range(n)],
+        batch=["A"] * len(Xa) + ["B"] * len(Xb),
+        embeddings=X,
     )
-    table = CellTable()
-    table.add_cells(frame, embeddings=X)
     lab = np.flatnonzero(np.arange(n) < len(Xa))[::2]
     table.set_labels(table.cell_ids[lab].tolist(), ya[lab].tolist(), origin="imported")
     return table, np.concatenate([ya, yb])

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from napari_hemofm.core.cells import CellTable
-from napari_hemofm.core.io import load_project
-from napari_hemofm.core.journal import ProjectReadOnlyError
+from napari_hemofm.core.io import close_project, load_project
+from napari_hemofm.core.journal import ProjectReadOnlyError, journal_path
 from napari_hemofm.core.lock import (
     ProjectLock,
     ProjectLockedError,
@@ -312,3 +312,43 @@ def test_a_save_over_a_newer_file_is_refused_and_loses_nothing(tmp_path):
     back = load_project(path, mode="r").column("label")
     assert back.loc["lab/s.png#1"] == "monocyte"
     assert back.loc["lab/s.png#2"] == "basophil"
+
+
+def test_a_project_opened_through_a_link_keeps_lock_and_journal_beside_the_real_file(tmp_path):
+    """Opened through a symbolic link (another name, another folder), the project's lock
+    and journal sit beside the real file, where the data is written; a save through the
+    link writes the real file and leaves the link a link; the labels journalled through
+    one name come back through the other."""
+    real_dir, link_dir = tmp_path / "real", tmp_path / "links"
+    real_dir.mkdir()
+    link_dir.mkdir()
+    real = real_dir / "p.h5ad"
+    make_project(real).close()
+    link = link_dir / "view.h5ad"
+    link.symlink_to(real)
+    assert lock_path(link) == lock_path(real) == real_dir / "p.lock"
+    assert journal_path(link) == journal_path(real) == real_dir / "p.labels.jsonl"
+
+    table = load_project(link)
+    try:
+        assert (real_dir / "p.lock").is_file()
+        assert read_lock(real) is not None
+        assert not (link_dir / "view.lock").exists()
+        table.set_labels([table.cell_ids[0]], "monocyte")
+        assert (real_dir / "p.labels.jsonl").stat().st_size > 0
+        assert not (link_dir / "view.labels.jsonl").exists()
+    finally:
+        close_project(table)
+    assert read_lock(real) is None
+
+    again = load_project(real)  # the other name replays the same journal
+    try:
+        assert again.obs["label"].iloc[0] == "monocyte"
+        again.set_labels([again.cell_ids[1]], "basophil")
+        again.save(link)  # saving through the link writes the real file
+    finally:
+        close_project(again)
+    assert link.is_symlink()
+    assert sorted(p.name for p in link_dir.iterdir()) == ["view.h5ad"]
+    last = load_project(real, mode="r")
+    assert list(last.obs["label"].iloc[:2]) == ["monocyte", "basophil"]

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
+from timm.models.vision_transformer import checkpoint_filter_fn
 
 from napari_hemofm.core import models
 from napari_hemofm.core.models import (
@@ -40,9 +42,6 @@ from napari_hemofm.core.weights import (
     sha256_file,
     weights_cache_dir,
 )
-
-timm = pytest.importorskip("timm")
-from timm.models.vision_transformer import checkpoint_filter_fn  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -129,7 +128,7 @@ def reference_model(name: str, teacher: dict, depth: int) -> torch.nn.Module:
 
 def torchvision_batch(crops) -> torch.Tensor:
     """DinoBloom's own transform: Resize((224, 224)) -> ToTensor -> Normalize, on PIL RGB."""
-    tv = pytest.importorskip("torchvision.transforms")
+    import torchvision.transforms as tv
     from PIL import Image
 
     tf = tv.Compose([tv.Resize((224, 224)), tv.ToTensor(), tv.Normalize(MEAN, STD)])
@@ -547,7 +546,8 @@ def test_cuda_unavailable_is_a_clear_error(s_small):
 
 
 def test_handcrafted_needs_no_weights():
-    features = pytest.importorskip("napari_hemofm.core.features")
+    from napari_hemofm.core import features
+
     bb = load_backbone("handcrafted")
     assert isinstance(bb, features.HandcraftedBackbone)
     assert bb.meta()["model"] == "handcrafted"

@@ -4,9 +4,9 @@ import json
 import time
 
 import numpy as np
-import pandas as pd
 import pytest
 
+from napari_hemofm._testing import table_of
 from napari_hemofm.core.cells import CellTable
 from napari_hemofm.core.report import (
     ATYPICAL,
@@ -31,21 +31,7 @@ from napari_hemofm.core.report import (
 
 def small_table():
     """Six cells on two smears: labels, predictions (one unsure) and an artefact."""
-    frame = pd.DataFrame(
-        {
-            "source": ["s1", "s1", "s1", "s1", "s2", "s2"],
-            "batch": ["lab", "lab", "lab", "lab", "lab", "lab"],
-            "x": 1.0,
-            "y": 1.0,
-            "x0": 0,
-            "y0": 0,
-            "x1": 4,
-            "y1": 4,
-        },
-        index=[f"c{i}" for i in range(6)],
-    )
-    table = CellTable()
-    table.add_cells(frame)
+    table = table_of([f"c{i}" for i in range(6)], source=["s1"] * 4 + ["s2"] * 2, batch="lab")
     table.set_labels(["c0", "c4"], ["neutrophil", "lymphocyte"])
     table.set_labels(["c3"], NOT_CLASSED)
     pred = ["lymphocyte", "neutrophil", "lymphocyte", "neutrophil", None, None]
@@ -61,22 +47,8 @@ def mixed_table(n_white=100, n_nrbc=7, n_platelet=3, n_unsure=0, seed=0):
     white = rng.choice(["NEUTROPHIL", "lymphocytes", "Monocyte"], size=n_white).tolist()
     labels = white + ["erythroblast"] * n_nrbc + ["platelet"] * n_platelet
     n = len(labels) + n_unsure
-    frame = pd.DataFrame(
-        {
-            "source": "smear",
-            "batch": "lab",
-            "x": 1.0,
-            "y": 1.0,
-            "x0": 0,
-            "y0": 0,
-            "x1": 4,
-            "y1": 4,
-        },
-        index=[f"c{i:04d}" for i in range(n)],
-    )
-    table = CellTable()
-    table.add_cells(frame)
-    table.set_labels(list(frame.index[: len(labels)]), labels)
+    table = table_of([f"c{i:04d}" for i in range(n)], source="smear", batch="lab")
+    table.set_labels(list(table.cell_ids[: len(labels)]), labels)
     if n_unsure:
         pred = [None] * len(labels) + ["Monocyte"] * n_unsure
         conf = [np.nan] * len(labels) + [0.2] * n_unsure

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from napari_hemofm._testing import table_of
 from napari_hemofm.core.cells import CellTable
 from napari_hemofm.core.review import NOT_CLASSED, UNIDENTIFIED, UNLABELLED, Review
 
@@ -20,21 +21,12 @@ def blob_table(n_per=40, seed=0, dim=8, labelled_per=6, sources=("a.png", "b.png
         truth += [name] * n_per
     X = np.concatenate(X).astype(np.float32)
     n = len(truth)
-    frame = pd.DataFrame(
-        {
-            "source": [sources[i % len(sources)] for i in range(n)],
-            "batch": ["lab" if i % 2 else "lab2" for i in range(n)],
-            "x": 1.0,
-            "y": 1.0,
-            "x0": 0,
-            "y0": 0,
-            "x1": 4,
-            "y1": 4,
-        },
-        index=[f"lab/cell{i:03d}#0" for i in range(n)],
+    table = table_of(
+        [f"lab/cell{i:03d}#0" for i in range(n)],
+        source=[sources[i % len(sources)] for i in range(n)],
+        batch=["lab" if i % 2 else "lab2" for i in range(n)],
+        embeddings=X,
     )
-    table = CellTable()
-    table.add_cells(frame, embeddings=X)
     ids = [table.cell_ids[c * n_per + j] for c in range(len(CLASSES)) for j in range(labelled_per)]
     labels = [CLASSES[c] for c in range(len(CLASSES)) for _ in range(labelled_per)]
     table.set_labels(ids, labels, origin="imported")
@@ -171,7 +163,6 @@ def test_saved_project_journals_relabels_and_undo(tmp_path):
 def test_retrain_predicts_every_cell_and_follows_corrections():
     """After retrain every cell has a prediction; labelling a blob's cells as a new class
     makes the probe predict that class for the rest of that blob."""
-    pytest.importorskip("sklearn")
     table, truth = blob_table()
     review = Review(table)
     review.retrain()

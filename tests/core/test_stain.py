@@ -1,7 +1,6 @@
 """Stain normalisation: settings, Reinhard and Macenko properties, fallbacks, the pipeline hook."""
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,18 +19,16 @@ from napari_hemofm.core.stain import (
 )
 from napari_hemofm.core.synthetic import BatchEffect, make_crop
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-PBC = DATA / "pbc_dev"
-
 
 def _crop(seed=0, label="neutrophil", effect=None):
     return make_crop(seed, label, size=160, batch_effect=effect)
 
 
-def _real_crop():
-    files = sorted((PBC / "neutrophil").glob("*.jpg"))
-    if not files:
-        pytest.skip(f"real data not found at {PBC}")
+def _real_crop(request):
+    """The first PBC neutrophil (skips where ../shared/data is absent)."""
+    pbc = request.getfixturevalue("shared_data") / "pbc_dev"
+    files = sorted((pbc / "neutrophil").glob("*.jpg"))
+    assert files, f"no neutrophil crops in {pbc}"
     return np.asarray(Image.open(files[0]).convert("RGB"))
 
 
@@ -75,9 +72,9 @@ def test_none_builds_no_normaliser():
 # ---------------------------------------------------------------------- properties
 @pytest.mark.parametrize("method", ["reinhard", "macenko"])
 @pytest.mark.parametrize("source", ["synthetic", "real"])
-def test_image_normalised_to_itself_is_nearly_unchanged(method, source):
+def test_image_normalised_to_itself_is_nearly_unchanged(method, source, request):
     """With the image as its own reference, the output differs by under 3 Lab units."""
-    image = _crop(3) if source == "synthetic" else _real_crop()
+    image = _crop(3) if source == "synthetic" else _real_crop(request)
     f = build_normaliser(StainNorm(method, "self"), reference_images=[image])
     out = f(image)
     assert out.shape == image.shape
@@ -87,9 +84,9 @@ def test_image_normalised_to_itself_is_nearly_unchanged(method, source):
 
 @pytest.mark.parametrize("method", ["reinhard", "macenko"])
 @pytest.mark.parametrize("source", ["synthetic", "real"])
-def test_tinted_copy_is_brought_back_close_to_the_original(method, source):
+def test_tinted_copy_is_brought_back_close_to_the_original(method, source, request):
     """A re-tinted copy normalised to the original is over 2x closer to it in Lab."""
-    image = _crop(5, "eosinophil") if source == "synthetic" else _real_crop()
+    image = _crop(5, "eosinophil") if source == "synthetic" else _real_crop(request)
     tinted = _tint(image)
     f = build_normaliser(StainNorm(method, "orig"), reference_images=[image])
     before = _delta_e(tinted, image)

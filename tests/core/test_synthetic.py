@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,7 +22,6 @@ from napari_hemofm.core.synthetic import (
 )
 
 SMALL = (384, 512)
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -460,14 +457,13 @@ def test_write_crop_folder_layout(tmp_path):
 
 
 @pytest.mark.data
-def test_colours_close_to_real_wright_giemsa_smears(rich):
+def test_colours_close_to_real_wright_giemsa_smears(rich, shared_data):
     """Nucleus and RBC hues of the synthetic smear are within 25 degrees of the BCCD smears'."""
     from PIL import Image
 
-    folder = DATA / "bccd" / "JPEGImages"
+    folder = shared_data / "bccd" / "JPEGImages"
     files = sorted(folder.glob("*.jpg"))[:40:4]
-    if not files:
-        pytest.skip(f"real BCCD smears not found under {folder}")
+    assert files, f"no smears in {folder}"
     nuc_px, rbc_px = [], []
     for f in files:
         a = np.asarray(Image.open(f).convert("RGB")).astype(int)

@@ -517,3 +517,79 @@ def test_level_chooser_defaults_to_slides_for_one_folder_of_smears(
     assert "Only one batch (one_lab)" in w.metrics_status.text()
     assert popups == []
     w.close()
+
+
+def test_legends_of_many_batches_stay_inside_their_panel(viewer_with_cells, qtbot):
+    """With 18 batches the batch map's legend shows the largest ones plus "N others" in a
+    box of at most LEGEND_MAX_HEIGHT px below its canvas, never over it."""
+    from napari_hemofm._widgets._colors import LEGEND_MAX_HEIGHT, MAX_LEGEND_ENTRIES
+
+    viewer, session = viewer_with_cells
+    table = make_table()
+    table.set_column("batch", [f"laboratory_{i % 18:02d}" for i in range(table.n_cells)])
+    session.set_table(table)
+    w = BatchViewWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Batch view")
+    w.resize(900, 800)
+    qtbot.waitUntil(lambda: not w.busy, timeout=60_000)
+    qtbot.wait(50)
+    legend, canvas = w.left.legend, w.left.canvas
+    text = legend.text()
+    assert text.count("&#9632;") <= MAX_LEGEND_ENTRIES
+    assert "others" in text
+    assert 0 < legend.height() <= LEGEND_MAX_HEIGHT
+    # the legend sits below the canvas, inside the maps' area, and never covers it
+    top_left = legend.mapTo(w, legend.rect().topLeft())
+    canvas_bottom = canvas.mapTo(w, canvas.rect().bottomLeft()).y()
+    assert top_left.y() > canvas_bottom
+    assert canvas.height() > legend.height()
+    maps = canvas.parentWidget()
+    assert legend.parentWidget() is maps
+    assert legend.geometry().bottom() <= maps.rect().bottom()
+
+
+def test_stain_plots_show_before_and_after_the_project_normalisation(viewer_with_cells, qtbot):
+    """A project set to Reinhard towards lab_a previews it by default: the worker measures
+    the same cells before and after; after, lab_b's stain (cell optical density and hue)
+    lies closer to lab_a's than before, and each plot has a before and an after box per
+    batch. Choosing "no normalisation" measures again without an after; a reference
+    that names no batch leaves the before plots and says why in one line."""
+    viewer, session = viewer_with_cells
+    table = make_table()
+    table.meta["stain_norm"] = {"method": "reinhard", "reference": "lab_a"}
+    session.set_table(table)
+    w = BatchViewWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Batch view")
+    qtbot.waitUntil(lambda: not w.busy, timeout=20_000)
+    assert w.plots.stain_combo.currentData() == "reinhard"
+    assert w.plots.stain_setting() == {"method": "reinhard", "reference": "lab_a"}
+    w.compute_appearance(per_batch=12)
+    qtbot.waitUntil(lambda: w.appearance is not None and not w.busy, timeout=60_000)
+    before, after = w.appearance, w.appearance_after
+    assert after is not None
+    assert after.index.tolist() == before.index.tolist()
+
+    def gap(frame, column):
+        med = frame[frame["segmented"]].groupby(frame["batch"].astype(str))[column].median()
+        return abs(med["lab_b"] - med["lab_a"])
+
+    assert gap(after, "cell_od") < 0.5 * gap(before, "cell_od")
+    assert gap(after, "cell_hue_deg") <= gap(before, "cell_hue_deg") + 1.0
+    axes = w.plots.figure.axes
+    assert len(axes) == 6
+    assert len(axes[0].patches) == 2 * len(BATCHES)  # before and after per batch
+    assert "after" in w.plots.status.text()
+
+    w.plots.stain_combo.setCurrentIndex(w.plots.stain_combo.findData("none"))
+    qtbot.waitUntil(lambda: w.appearance is not None and not w.busy, timeout=60_000)
+    assert w.appearance_after is None
+    assert len(w.plots.figure.axes[0].patches) == len(BATCHES)
+
+    table.meta["stain_norm"] = {"method": "macenko", "reference": "no_such_lab"}
+    w.plots.set_project_stain(table.meta["stain_norm"])
+    qtbot.waitUntil(lambda: w.appearance is not None and not w.busy, timeout=60_000)
+    assert w.appearance_after is None
+    text = w.plots.status.text()
+    assert text.startswith("No macenko preview:")
+    assert "no_such_lab" in text
+    assert "\n" not in text

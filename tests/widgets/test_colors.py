@@ -64,3 +64,23 @@ def test_top_entries_keep_the_largest_and_sum_the_rest():
     assert [e[0] for e in kept] == [f"c{i}" for i in range(20, 30)]
     assert sum(e[2] for e in shown) == sum(e[2] for e in entries)
     assert top_entries(entries[:5]) == entries[:5]
+
+
+def test_category_order_is_shared_per_table_and_forgotten_in_place():
+    """Two views asking for one table's column get the same live dict (so a category has
+    one colour in both); another table starts afresh; label follows the class list;
+    forgetting empties the dict in place (holders see the new order)."""
+    from napari_hemofm._widgets._colors import category_order, forget_category_order
+    from napari_hemofm.core.cells import CellTable
+
+    a, b = CellTable(), CellTable()
+    a.set_classes(["x", "y"])
+    first = category_order(a, "cluster")
+    categorical_scheme(pd.Series(["3", "1", None]), first)
+    assert category_order(a, "cluster") is first
+    assert first == {"1": 0, "3": 1}
+    assert category_order(b, "cluster") == {}
+    assert category_order(a, "label") == {"x": 0, "y": 1}
+    forget_category_order(a, "cluster")
+    assert first == {}
+    assert category_order(a, "cluster") is first

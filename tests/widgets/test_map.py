@@ -591,3 +591,84 @@ def test_export_png_and_svg(map_widget, tmp_path):
     assert svg.count("<use ") >= w.canvas.n_shown
     with pytest.raises(ValueError, match=r"\.png or \.svg"):
         w.export_plot(tmp_path / "map.pdf")
+
+
+def test_clusters_colour_the_cells_layers_and_the_gallery(map_widget, qtbot):
+    """With "image points too" ticked, the cells layers' points are filled with the map's
+    colour of their cluster (categories in one shared order); the Review gallery names
+    the cluster in the tooltip and marks the thumbnail's corner in that colour; unticking
+    gives the layers back their label fill."""
+    from napari_hemofm._widgets._colors import argb_to_hex
+    from napari_hemofm._widgets._gallery import Gallery
+    from napari_hemofm._widgets._layers import get_layer_sync
+    from napari_hemofm.core.clustering import cluster_names
+
+    w = map_widget
+    viewer = w.viewer
+    for name in ("smear_a", "smear_b"):
+        viewer.add_image(np.zeros((*IMAGE_SHAPE, 3), np.uint8), name=name, rgb=True)
+    sync = get_layer_sync(viewer)
+    assert set(sync.layers) == {"smear_a", "smear_b"}
+    blobs = w.table.obs["prediction"].astype(str).to_numpy()
+    groups = np.array([CLASSES.index(b) for b in blobs])
+    w.table.set_column("cluster", cluster_names(groups))
+    qtbot.waitUntil(lambda: "cluster" in w.color_columns(), timeout=5_000)
+    w.set_color_by("cluster")
+    label_faces = {k: np.array(p.face_color) for k, p in sync.layers.items()}
+    w.set_layers_colored(True)
+    assert sync.face_column == "cluster"
+    map_hex = np.array([argb_to_hex(c) for c in w.canvas.colors])
+    assert len(set(map_hex)) == 5
+    for points in sync.layers.values():
+        rows = sync.rows_of(points)
+        rgb = np.rint(np.asarray(points.face_color)[:, :3] * 255).astype(int)
+        hexes = np.array([f"#{r:02x}{g:02x}{b:02x}" for r, g, b in rgb])
+        np.testing.assert_array_equal(hexes, map_hex[rows])
+        assert np.all(np.asarray(points.face_color)[:, 3] > 0.5)
+    # another column follows the combo; unticking restores the label fill
+    w.set_color_by("batch")
+    assert sync.face_column == "batch"
+    w.set_layers_colored(False)
+    assert sync.face_column is None
+    for key, points in sync.layers.items():
+        np.testing.assert_allclose(points.face_color, label_faces[key])
+
+    gallery = Gallery(lambda: w.session.thumbnails)
+    qtbot.addWidget(gallery)
+    gallery.set_content(w.table, w.table.classes, [], {})
+    row = 7
+    assert f"cluster: {w.table.obs['cluster'].iat[row]}" in gallery.describe(row)
+    w.set_color_by("cluster")
+    assert gallery.cell_look(row).mark == map_hex[row]
+
+
+def test_read_only_project_keys_say_so_in_the_status_bar(map_widget, tmp_path, qtbot):
+    """On a read-only project a number key on the map, on a cells layer, the lasso's
+    relabel and undo change no label, raise nothing, and put the read-only reason in
+    the viewer's status bar."""
+    from napari_hemofm._widgets._layers import get_layer_sync
+    from napari_hemofm._widgets._review_state import label_selection_by_key, undo_or_redo
+    from napari_hemofm.core.journal import LabelJournal
+
+    w = map_widget
+    viewer = w.viewer
+    viewer.add_image(np.zeros((*IMAGE_SHAPE, 3), np.uint8), name="smear_a", rgb=True)
+    layer = get_layer_sync(viewer).layers["smear_a"]
+    w.table.journal = LabelJournal(tmp_path / "study.labels.jsonl", read_only=True)
+    before = w.table.column("label").copy()
+    w.session.select(np.array([1, 3, 5]))
+    viewer.status = ""
+    w._on_number_key(2)  # what the canvas's key press does
+    assert "read-only" in viewer.status
+    viewer.status = ""
+    press = layer.keymap  # the cells layer's own binding of "1"
+    binding = next(fn for key, fn in press.items() if str(key) == "1")
+    binding(layer)
+    assert "read-only" in viewer.status
+    viewer.status = ""
+    assert w.relabel_selection(CLASSES[0]) == []
+    assert "read-only" in viewer.status
+    assert label_selection_by_key(viewer, -1) == []
+    assert undo_or_redo(viewer) is False
+    pd.testing.assert_series_equal(w.table.column("label"), before)
+    assert not (tmp_path / "study.labels.jsonl").exists()

@@ -787,3 +787,32 @@ def test_a_saved_probe_file_trains_the_probe_of_another_session(review_widget, q
     w.use_reference(None)
     settle(qtbot, w)
     assert table.obs["prediction"].isna().all()
+
+
+def test_label_next_scoped_to_a_batch(review_widget, qtbot):
+    """The scope combo lists all cells, each batch and each slide; with "batch: lab_b"
+    chosen the Label next queue holds only unlabelled cells of lab_b, and back on "all
+    cells" the review's scope is cleared."""
+    w = review_widget
+    texts = [w.scope_combo.itemText(i) for i in range(w.scope_combo.count())]
+    assert texts == ["all cells", "batch: lab_a", "batch: lab_b"]
+    w.set_queue_scope({"batch": "lab_b"})
+    assert w.review.queue_scope == {"batch": "lab_b"}
+    w.show_queue("next", 12)
+    qtbot.waitUntil(lambda: "Queue" in w.gallery.section_names(), timeout=20_000)
+    qtbot.waitUntil(lambda: w._queue_worker is None, timeout=20_000)
+    rows = w.gallery.section_rows("Queue")
+    assert 0 < len(rows) <= 12
+    obs = w.table.obs
+    assert set(obs["batch"].astype(str).iloc[rows]) == {"lab_b"}
+    assert obs["label"].iloc[rows].isna().all()
+    # a slide column adds its slides; the chosen scope is kept
+    w.table.set_column("slide", np.where(np.arange(w.table.n_cells) < 90, "s1", "s2"))
+    qtbot.waitUntil(lambda: w.scope_combo.count() == 5, timeout=5_000)
+    assert w.queue_scope == {"batch": "lab_b"}
+    w.set_queue_scope({"slide": "s2"})
+    assert w.review.queue_scope == {"slide": "s2"}
+    w.set_queue_scope(None)
+    assert w.review.queue_scope is None
+    with pytest.raises(KeyError):
+        w.set_queue_scope({"batch": "nowhere"})
