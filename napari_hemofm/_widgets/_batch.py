@@ -407,11 +407,14 @@ class BatchViewWidget(QWidget):
         top.addWidget(self.level_combo)
         top.addWidget(QLabel("Correction preview"))
         top.addWidget(self.correction_combo)
-        top.addWidget(self.keep_button)
         top.addStretch(1)
+        # the map tools on their own row: beside the choosers they were clipped at 400 px
+        self._tool_row = QHBoxLayout()
+        self._tool_row.addWidget(self.keep_button)
         for button in self.tool_buttons.values():
-            top.addWidget(button)
-        top.addWidget(self.reset_button)
+            self._tool_row.addWidget(button)
+        self._tool_row.addWidget(self.reset_button)
+        self._tool_row.addStretch(1)
 
         self.status = QLabel("")
         self.status.setWordWrap(True)
@@ -536,6 +539,7 @@ class BatchViewWidget(QWidget):
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)
+        layout.addLayout(self._tool_row)
         layout.addLayout(status_row)
         layout.addWidget(split, 1)
 

@@ -335,10 +335,17 @@ class ReviewWidget(QWidget):
         for button in (self.undo_button, self.redo_button):
             tools.addWidget(button)
         tools.addSpacing(8)
-        tools.addWidget(self.next_button)
-        tools.addWidget(self.scope_combo, 1)
         tools.addWidget(self.suspects_button)
         tools.addStretch(1)
+        # the queue on a row of its own: at a 400-px dock the button and its scope were
+        # clipped beside undo / redo
+        queue_row = QHBoxLayout()
+        queue_row.setSpacing(4)
+        # room for the text beside the menu arrow (it was drawn over the last letters)
+        self.next_button.setMinimumWidth(self.next_button.sizeHint().width() + 16)
+        queue_row.addWidget(self.next_button)
+        queue_row.addWidget(self.scope_combo, 1)
+        self._queue_row = queue_row
         self.preset_combo = QComboBox()  # placed on the settings row
         for name in preset_names():
             self.preset_combo.addItem(name, name)
@@ -465,6 +472,7 @@ class ReviewWidget(QWidget):
         layout.addWidget(self.read_only_banner)
         layout.addWidget(self._class_bar)
         layout.addLayout(tools)
+        layout.addLayout(self._queue_row)
         layout.addLayout(settings)
         layout.addLayout(settings2)
         layout.addLayout(metrics)
