@@ -626,6 +626,31 @@ def _package_version() -> str:
     return __version__
 
 
+def slide_values(obs: pd.DataFrame) -> np.ndarray:
+    """Each cell's slide, or its batch where it has none (DESIGN.md: a crop's slide).
+
+    The one home of that rule: the differential counts and the batch metrics both group
+    "per slide" through it.
+
+    Parameters
+    ----------
+    obs : pandas.DataFrame
+        A cell table's ``obs`` (``slide`` and ``batch`` columns, either may be missing).
+
+    Returns
+    -------
+    ndarray of object, shape (n_cells,)
+        Slide names (str), None where a cell has neither a slide nor a batch.
+    """
+    n = len(obs)
+    empty = np.full(n, None, dtype=object)
+    values = clean_labels(obs["slide"].astype(object)) if "slide" in obs else empty.copy()
+    missing = np.array([v is None for v in values], dtype=bool)
+    if missing.any() and "batch" in obs:
+        values[missing] = clean_labels(obs["batch"].astype(object))[missing]
+    return values
+
+
 def table_from_frame(frame: pd.DataFrame, meta: Mapping[str, Any] | None = None) -> CellTable:
     """Build a :class:`CellTable` from a frame of cells (see :meth:`CellTable.add_cells`)."""
     table = CellTable()

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from napari_hemofm.core.catalogue import NOT_CLASSED, kinds_of, resolve
+from napari_hemofm.core.cells import slide_values
 
 if TYPE_CHECKING:
     from napari_hemofm.core.cells import CellTable
@@ -217,10 +218,10 @@ def group_values(table: CellTable, by: GroupBy) -> np.ndarray:
     obs = table.obs
     if by not in obs.columns:
         raise ValueError(f"no column {by!r} to group by; columns are {list(obs.columns)}")
-    values = obs[by].astype(object)
-    if by == "slide" and "batch" in obs.columns:
-        # a cell without a slide (crops, 0.1 projects) counts as its batch (DESIGN.md)
-        values = values.where(values.notna(), obs["batch"].astype(object))
+    if by == "slide":  # a cell without a slide (crops, 0.1 projects) counts as its batch
+        values = pd.Series(slide_values(obs), index=obs.index, dtype=object)
+    else:
+        values = obs[by].astype(object)
     return values.where(values.notna(), "(none)").astype(str).to_numpy()
 
 

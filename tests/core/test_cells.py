@@ -200,3 +200,19 @@ def test_save_replaces_the_file_atomically(tmp_path):
     table.save(path)
     assert CellTable.load(path, mode="r").column("label").tolist()[0] == "lymphocyte"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.h5ad", "p.labels.jsonl"]
+
+
+def test_slide_values_fall_back_to_the_batch_in_one_place():
+    """A cell without a slide (a crop, a 0.1 project) counts as its batch, for the
+    differential counts and the batch metrics alike."""
+    from napari_hemofm._testing import make_cell_table
+    from napari_hemofm.core.batch.report import level_values
+    from napari_hemofm.core.cells import slide_values
+    from napari_hemofm.core.report import group_values
+
+    table = make_cell_table(12, seed=2)
+    table.set_column("slide", ["s1"] * 4 + [None] * 8)
+    expected = ["s1"] * 4 + list(table.obs["batch"].astype(str).iloc[4:])
+    assert list(slide_values(table.obs)) == expected
+    assert list(group_values(table, "slide")) == expected
+    assert list(level_values(table, "slide")[0]) == expected

@@ -389,15 +389,13 @@ def level_values(table: CellTable, by: str = "batch") -> tuple[np.ndarray, str, 
     note : str
         Why the column differs from ``by`` ("" when it does not).
     """
+    from napari_hemofm.core.cells import slide_values
     from napari_hemofm.core.labels import clean_labels
 
     column, note = level_column(table, by)
-    values = clean_labels(table.column(column).astype(object).to_numpy())
     if column == "slide":
-        missing = np.array([v is None for v in values], dtype=bool)
-        if missing.any():
-            batches = clean_labels(table.column("batch").astype(object).to_numpy())
-            values[missing] = batches[missing]
+        return slide_values(table.obs), column, note
+    values = clean_labels(table.column(column).astype(object).to_numpy())
     return values, column, note
 
 
