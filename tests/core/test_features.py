@@ -286,6 +286,23 @@ def test_fixed_pixel_thresholds_are_not_needed_for_a_pale_stain():
     assert abs(feature(a, ratio) - feature(b, ratio)) < 0.1
 
 
+def test_a_channel_the_nucleus_hardly_absorbs_is_no_colour_ruler():
+    """A nucleus that absorbs almost no blue (Wright stains, some cameras: OD 0.02 in
+    blue against 0.7 in green) is no ruler for blue: the reference is floored at a
+    quarter of its strongest channel, so a few grey levels of blue cannot multiply the
+    colours read relative to it."""
+    from napari_hemofm.core.features import stain_reference
+
+    od = np.zeros((20, 20, 3), np.float32)
+    od[:] = (0.45, 0.70, 0.02)
+    nucleus = np.ones((20, 20), bool)
+    ref = stain_reference(od, nucleus, nucleus)
+    np.testing.assert_allclose(ref[:2], (0.45, 0.70), rtol=1e-6)
+    assert ref[2] == pytest.approx(0.25 * 0.70)
+    od[..., 2] = 0.5  # a channel it does absorb is read as it is
+    assert stain_reference(od, nucleus, nucleus)[2] == pytest.approx(0.5)
+
+
 # ---------------------------------------------------------------------- real data
 def _read_crops(folder: Path) -> tuple[list[np.ndarray], np.ndarray]:
     crops, labels = [], []
