@@ -896,9 +896,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("project", type=Path, metavar="PROJECT.h5ad")
     report.add_argument(
         "--by",
-        default="source",
+        default="slide",  # napari_hemofm.core.report.DEFAULT_GROUP_BY (not imported here)
         metavar="COLUMN",
-        help="cell-table column that makes the groups (default source)",
+        help=(
+            "cell-table column that makes the groups (default slide: one smear for "
+            "detected cells, the batch for a folder of crops)"
+        ),
     )
     report.add_argument("--out", type=Path, default=None, metavar="COUNTS.csv")
     report.add_argument(

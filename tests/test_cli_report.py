@@ -27,10 +27,11 @@ def project(tmp_path):
 def test_report_writes_group_label_kind_count_percent_by_any_column(project, tmp_path):
     """Columns are group, label, kind, count, percent; unlabelled cells without
     predictions are Unidentified; Not classed is left out; percents add to 100 per group;
-    --by takes any obs column and an unknown one fails with one line."""
+    --by takes any obs column and an unknown one fails with one line; the default is
+    per slide, which for cells without a slide (crops) is their batch."""
     path, table = project
     out = tmp_path / "counts.csv"
-    assert main(["report", str(path), "--out", str(out)]) == 0
+    assert main(["report", str(path), "--by", "source", "--out", str(out)]) == 0
     counts = pd.read_csv(out)
     assert list(counts.columns) == ["group", "label", "kind", "count", "percent"]
     assert {os.path.basename(g) for g in counts["group"]} == {"a.png", "b.png"}
@@ -42,8 +43,26 @@ def test_report_writes_group_label_kind_count_percent_by_any_column(project, tmp
         assert part["percent"].sum() == pytest.approx(100.0)
     assert main(["report", str(path), "--by", "batch", "--out", str(out)]) == 0
     assert set(pd.read_csv(out)["group"]) == {"lab", "lab2"}
+    assert main(["report", str(path), "--out", str(out)]) == 0  # no slides: the batch
+    assert set(pd.read_csv(out)["group"]) == {"lab", "lab2"}
     assert main(["report", str(path), "--by", "label_origin", "--out", str(out)]) == 0
     assert main(["report", str(path), "--by", "ward", "--out", str(out)]) == 1
+
+
+def test_one_default_grouping_for_the_cli_the_api_and_the_panel():
+    """`hemofm report` without --by, the API and the Review panel's first grouping all
+    count per DEFAULT_GROUP_BY (the CLI cannot import it at start-up, so it is checked
+    here instead)."""
+    import inspect
+
+    from napari_hemofm._widgets._review import GROUPINGS
+    from napari_hemofm.cli import build_parser
+    from napari_hemofm.core import report
+
+    args = build_parser().parse_args(["report", "p.h5ad"])
+    assert args.by == report.DEFAULT_GROUP_BY == GROUPINGS[0][1]
+    for func in (report.differential_counts, report.differential_summary, Review.differential):
+        assert inspect.signature(func).parameters["by"].default == report.DEFAULT_GROUP_BY
 
 
 def test_report_and_the_gallery_sections_count_the_same_cells(tmp_path):

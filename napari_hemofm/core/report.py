@@ -65,6 +65,11 @@ UNLABELLED = "Unlabelled"
 GroupBy = str
 """Any ``obs`` column: ``source``, ``batch``, ``slide``, ..."""
 
+DEFAULT_GROUP_BY: GroupBy = "slide"
+"""What a differential is counted per when nobody says (API, CLI, HTML report, Review
+panel): the slide, i.e. one smear for detected cells and the batch for a folder of crops
+(a cell without a slide counts as its batch, :func:`~.cells.slide_values`)."""
+
 DEFAULT_THRESHOLD = 0.5
 """The Unidentified threshold of a project that stores none (gallery, API, CLI, report)."""
 THRESHOLD_KEY = "unidentified_below"
@@ -216,7 +221,7 @@ def group_values(table: CellTable, by: GroupBy) -> np.ndarray:
         If ``by`` is not a column of the cell table; the message lists the columns.
     """
     obs = table.obs
-    if by not in obs.columns:
+    if by not in obs.columns and by != "slide":  # "slide" falls back to the batch
         raise ValueError(f"no column {by!r} to group by; columns are {list(obs.columns)}")
     if by == "slide":  # a cell without a slide (crops, 0.1 projects) counts as its batch
         values = pd.Series(slide_values(obs), index=obs.index, dtype=object)
@@ -248,7 +253,7 @@ def _class_order(
 
 def differential_counts(
     table: CellTable,
-    by: GroupBy = "source",
+    by: GroupBy = DEFAULT_GROUP_BY,
     *,
     threshold: float | None = None,
     classes: Sequence[str] | None = None,
@@ -315,7 +320,7 @@ def differential_counts(
 
 def differential_summary(
     table: CellTable,
-    by: GroupBy = "source",
+    by: GroupBy = DEFAULT_GROUP_BY,
     *,
     threshold: float | None = None,
     target: int = DEFAULT_TARGET,
@@ -536,7 +541,7 @@ def _group_part(table: CellTable, by: GroupBy, group: str, threshold: float | No
 def sign_off(
     table: CellTable,
     group: str,
-    by: GroupBy = "source",
+    by: GroupBy = DEFAULT_GROUP_BY,
     *,
     user: str | None = None,
     threshold: float | None = None,
@@ -611,7 +616,7 @@ def sign_off(
 def verify_sign_off(
     table: CellTable,
     group: str,
-    by: GroupBy = "source",
+    by: GroupBy = DEFAULT_GROUP_BY,
     *,
     user: str | None = None,
     threshold: float | None = None,
@@ -643,7 +648,7 @@ def verify_sign_off(
 
 def report_json(
     table: CellTable,
-    by: GroupBy = "source",
+    by: GroupBy = DEFAULT_GROUP_BY,
     *,
     threshold: float | None = None,
     target: int = DEFAULT_TARGET,

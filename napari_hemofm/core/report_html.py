@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from napari_hemofm.core.report import (
+    DEFAULT_GROUP_BY,
     DEFAULT_TARGET,
     UNIDENTIFIED,
     GroupBy,
@@ -97,7 +98,7 @@ def _class_colors(table: CellTable, names: Any) -> dict[str, str]:
 def report_html(
     table: CellTable,
     *,
-    by: GroupBy = "source",
+    by: GroupBy = DEFAULT_GROUP_BY,
     threshold: float | None = None,
     target: int = DEFAULT_TARGET,
     thumbs_per_class: int = THUMBS_PER_CLASS,

@@ -36,6 +36,7 @@ import pandas as pd
 from psygnal import Signal, SignalGroup
 
 from napari_hemofm.core.report import (
+    DEFAULT_GROUP_BY,
     DEFAULT_TARGET,
     NOT_CLASSED,
     UNIDENTIFIED,
@@ -1079,7 +1080,7 @@ class Review:
         found = suspect_labels(X, labels, n, kind=self._kind, k=k, metric=self._metric)
         return self.table.cell_ids[found["row"].to_numpy(dtype=np.int64)].tolist()
 
-    def differential(self, by: GroupBy = "source") -> pd.DataFrame:
+    def differential(self, by: GroupBy = DEFAULT_GROUP_BY) -> pd.DataFrame:
         """Long-format differential counts per group (see :func:`~.report.differential_counts`).
 
         ``by`` is any ``obs`` column (``source``, ``batch``, ``slide``, ...).
@@ -1087,7 +1088,7 @@ class Review:
         return differential_counts(self.table, by, threshold=self._threshold)
 
     def differential_summary(
-        self, by: GroupBy = "source", target: int = DEFAULT_TARGET
+        self, by: GroupBy = DEFAULT_GROUP_BY, target: int = DEFAULT_TARGET
     ) -> pd.DataFrame:
         """Per-group progress, warnings and sign-off state.
 
@@ -1096,7 +1097,7 @@ class Review:
         return differential_summary(self.table, by, threshold=self._threshold, target=target)
 
     def verify_sign_off(
-        self, group: str, by: GroupBy = "source", *, user: str | None = None
+        self, group: str, by: GroupBy = DEFAULT_GROUP_BY, *, user: str | None = None
     ) -> dict[str, Any]:
         """A second reader (another user) verifies a group's sign-off.
 
@@ -1109,7 +1110,7 @@ class Review:
     def export_report(
         self,
         path: str | Path,
-        by: GroupBy = "source",
+        by: GroupBy = DEFAULT_GROUP_BY,
         *,
         target: int = DEFAULT_TARGET,
         **kwargs: Any,
@@ -1124,7 +1125,7 @@ class Review:
     def sign_off(
         self,
         group: str,
-        by: GroupBy = "source",
+        by: GroupBy = DEFAULT_GROUP_BY,
         *,
         user: str | None = None,
         target: int = DEFAULT_TARGET,

@@ -67,8 +67,8 @@ def test_audit_trail_lists_relabels_sign_offs_and_verifications_in_time_order(tm
     """Sign-offs and their verification join the label changes, ordered by time."""
     table, path = project(tmp_path, n=3)
     table.set_labels(["c1", "c2"], ["lymphocyte", "monocyte"])
-    sign_off(table, "s", user="dr_a", target=3)
-    verify_sign_off(table, "s", user="dr_b")
+    sign_off(table, "s", by="source", user="dr_a", target=3)
+    verify_sign_off(table, "s", by="source", user="dr_b")
     table.save(path)
     trail = audit_trail(CellTable.load(path))
     assert trail["event"].tolist() == ["relabel", "relabel", "sign-off", "verify"]

@@ -47,7 +47,7 @@ def mixed_table(n_white=100, n_nrbc=7, n_platelet=3, n_unsure=0, seed=0):
     white = rng.choice(["NEUTROPHIL", "lymphocytes", "Monocyte"], size=n_white).tolist()
     labels = white + ["erythroblast"] * n_nrbc + ["platelet"] * n_platelet
     n = len(labels) + n_unsure
-    table = table_of([f"c{i:04d}" for i in range(n)], source="smear", batch="lab")
+    table = table_of([f"c{i:04d}" for i in range(n)], source="smear", slide="smear", batch="lab")
     table.set_labels(list(table.cell_ids[: len(labels)]), labels)
     if n_unsure:
         pred = [None] * len(labels) + ["Monocyte"] * n_unsure

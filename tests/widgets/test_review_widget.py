@@ -553,9 +553,11 @@ def test_a_shift_warning_needs_a_written_reason(review_widget, monkeypatch):
 
 
 def test_gallery_and_hemofm_report_count_the_same_cells(review_widget, tmp_path):
-    """The gallery's sections, as shown, hold per smear exactly the cells `hemofm report`
-    counts on the saved project (same rule, same stored threshold)."""
+    """The gallery's sections, as shown, hold per slide (the default grouping of both)
+    exactly the cells `hemofm report` counts on the saved project (same rule, same
+    stored threshold)."""
     from napari_hemofm.cli import main
+    from napari_hemofm.core.report import group_values
 
     w = review_widget
     w.threshold_spin.setValue(0.9)
@@ -565,7 +567,7 @@ def test_gallery_and_hemofm_report_count_the_same_cells(review_widget, tmp_path)
     counts = pd.read_csv(out)
     sections = gallery_sections(w)
     assert sections[UNIDENTIFIED]
-    source = w.table.obs["source"].astype(str).to_numpy()
+    source = group_values(w.table, "slide")
     for r in counts.itertuples():
         rows = sections.get(r.label, set())
         assert r.count == sum(1 for i in rows if source[i] == r.group), (r.group, r.label)
