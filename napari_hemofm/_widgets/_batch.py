@@ -235,7 +235,8 @@ class _MapPanel:
     """
 
     def __init__(self, title: str, default: str, background: str) -> None:
-        self.title = QLabel(f"<b>{title}</b>: colour by")
+        self.title = QLabel(f"<b>{title}</b>")  # "colour by" was clipped at 400 px
+        self.title.setToolTip(f"The {title} map: the combo chooses what colours it")
         self.combo = QComboBox()
         for key, text in COLOR_OPTIONS.items():
             self.combo.addItem(text, key)
@@ -366,9 +367,10 @@ class BatchViewWidget(QWidget):
             item.setEnabled(False)
             item.setToolTip('needs the optional harmonypy: pip install "napari-hemofm[harmony]"')
         self.correction_combo.currentIndexChanged.connect(self._on_correction_changed)
-        self.keep_button = QPushButton("Keep as separate embedding")
+        self.keep_button = QPushButton("Keep as embedding")
         self.keep_button.setToolTip(
-            "Store the corrected embeddings as obsm['X_embed_<method>'] (X_embed stays)"
+            "Keep the previewed correction as a separate embedding: "
+            "obsm['X_embed_<method>'] (X_embed stays as it is)"
         )
         self.keep_button.setEnabled(False)
         self.keep_button.clicked.connect(self.keep_preview)
@@ -405,12 +407,17 @@ class BatchViewWidget(QWidget):
         top = QHBoxLayout()
         top.addWidget(QLabel("Compare"))
         top.addWidget(self.level_combo)
-        top.addWidget(QLabel("Correction preview"))
-        top.addWidget(self.correction_combo)
         top.addStretch(1)
-        # the map tools on their own row: beside the choosers they were clipped at 400 px
+        # the correction and the map tools on rows of their own: side by side they were
+        # clipped at a 400-px dock
+        self._correction_row = QHBoxLayout()
+        correction_label = QLabel("Correction")
+        correction_label.setToolTip(self.correction_combo.toolTip())
+        self._correction_row.addWidget(correction_label)
+        self._correction_row.addWidget(self.correction_combo)
+        self._correction_row.addWidget(self.keep_button)
+        self._correction_row.addStretch(1)
         self._tool_row = QHBoxLayout()
-        self._tool_row.addWidget(self.keep_button)
         for button in self.tool_buttons.values():
             self._tool_row.addWidget(button)
         self._tool_row.addWidget(self.reset_button)
@@ -539,6 +546,7 @@ class BatchViewWidget(QWidget):
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)
+        layout.addLayout(self._correction_row)
         layout.addLayout(self._tool_row)
         layout.addLayout(status_row)
         layout.addWidget(split, 1)

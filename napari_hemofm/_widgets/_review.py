@@ -72,6 +72,7 @@ from napari_hemofm._widgets._signals import (
 from napari_hemofm._widgets._workers import Lifeline, start_worker
 from napari_hemofm.core.catalogue import DEFAULT_PRESET, PRESET_KEY, preset_names
 from napari_hemofm.core.journal import ProjectReadOnlyError
+from napari_hemofm.core.report import DEFAULT_GROUP_BY
 from napari_hemofm.core.review import NOT_CLASSED, UNIDENTIFIED, UNLABELLED
 
 if TYPE_CHECKING:
@@ -97,8 +98,6 @@ SORTS = (("Least sure first", "confidence"), ("Map position", "map"))
 PROBES = (("kNN (k=20)", "knn"), ("Linear", "linear"))
 #: Delay before the differential count is recomputed after a change (ms).
 COUNT_DELAY_MS = 300
-#: Above this many smears, the differential starts grouped by batch (crop folders).
-MAX_SOURCE_GROUPS = 50
 #: Column groups of the differential table (class, n, %) side by side.
 COUNT_GROUPS = 2
 #: Colour of the "Not classed" section before the class is in use.
@@ -1138,10 +1137,8 @@ class ReviewWidget(QWidget):
         self._on_history_changed(review.can_undo, review.can_redo)
         self._on_metrics_changed(getattr(review, "last_metrics", None))
         self._sync_controls()
-        n_sources = table.obs["source"].nunique() if table.n_cells else 0
-        by = "batch" if n_sources > MAX_SOURCE_GROUPS else "source"
-        self.group_by_combo.blockSignals(True)
-        self.group_by_combo.setCurrentIndex(self.group_by_combo.findData(by))
+        self.group_by_combo.blockSignals(True)  # per slide, as `hemofm report`
+        self.group_by_combo.setCurrentIndex(self.group_by_combo.findData(DEFAULT_GROUP_BY))
         self.group_by_combo.blockSignals(False)
         self.rebuild()
 

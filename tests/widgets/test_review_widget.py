@@ -557,9 +557,10 @@ def test_gallery_and_hemofm_report_count_the_same_cells(review_widget, tmp_path)
     exactly the cells `hemofm report` counts on the saved project (same rule, same
     stored threshold)."""
     from napari_hemofm.cli import main
-    from napari_hemofm.core.report import group_values
+    from napari_hemofm.core.report import DEFAULT_GROUP_BY, group_values
 
     w = review_widget
+    assert w.group_by_combo.currentData() == DEFAULT_GROUP_BY  # what the panel opens with
     w.threshold_spin.setValue(0.9)
     path = w.table.save(tmp_path / "p.h5ad")
     out = tmp_path / "c.csv"
