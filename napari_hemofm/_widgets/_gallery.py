@@ -734,6 +734,34 @@ class SectionHeader(QToolButton):
         self.setAcceptDrops(True)
         self.setAutoRaise(True)
         self.setStyleSheet("QToolButton { text-align: left; font-weight: bold; padding: 3px; }")
+        self.full_text = ""
+        self._tip = ""
+
+    def set_header(self, text: str, tip: str | None = None) -> None:
+        """Show ``text``, elided to the header's width (the whole text in the tooltip)."""
+        self.full_text = text
+        if tip is not None:
+            self._tip = tip
+        self._elide()
+
+    def _elide(self) -> None:
+        # room for the icon, the padding and the frame; never below a few characters
+        room = max(self.width() - self.iconSize().width() - 24, 40)
+        shown = self.fontMetrics().elidedText(self.full_text, Qt.TextElideMode.ElideRight, room)
+        if shown != self.text():
+            self.setText(shown)
+        tip = self._tip if shown == self.full_text else f"{self.full_text}\n{self._tip}"
+        self.setToolTip(tip.strip())
+
+    def resizeEvent(self, event: Any) -> None:
+        """Elide the text again for the new width."""
+        super().resizeEvent(event)
+        self._elide()
+
+    def minimumSizeHint(self) -> QSize:
+        """As narrow as an icon and a few characters: the text elides."""
+        hint = super().minimumSizeHint()
+        return QSize(min(hint.width(), 80), hint.height())
 
     def dragEnterEvent(self, event: Any) -> None:
         """Accept cells when the section can take a drop."""
@@ -810,7 +838,7 @@ class GallerySection(QWidget):
             if spec.droppable
             else ""
         )
-        self.header.setToolTip(("Click to fold / unfold. " + tip).strip())
+        self.header.set_header(self.header.full_text, ("Click to fold / unfold. " + tip).strip())
         self.update_header()
 
     def update_header(self) -> None:
@@ -822,7 +850,7 @@ class GallerySection(QWidget):
             curated = self.gallery.n_curated(self.model.rows)
             if curated != n:
                 text += f"   {curated:,} curated · {n - curated:,} predicted"
-        self.header.setText(text)
+        self.header.set_header(text)
         self.view.setVisible(self.expanded and n > 0)
         self.empty.setVisible(self.expanded and n == 0)
 

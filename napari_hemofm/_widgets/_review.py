@@ -50,7 +50,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_hemofm._widgets._colors import MISSING_COLOR, class_hex
-from napari_hemofm._widgets._docking import setup_dock
+from napari_hemofm._widgets._docking import ElidedLabel, setup_dock
 from napari_hemofm._widgets._flow import FlowLayout
 from napari_hemofm._widgets._gallery import (
     DEFAULT_ICON_SIZE,
@@ -386,7 +386,7 @@ class ReviewWidget(QWidget):
         self.zoom_slider.setPageStep(32)
         self.zoom_slider.setValue(DEFAULT_ICON_SIZE)
         self.zoom_slider.setToolTip("Thumbnail size (Ctrl+wheel over the gallery)")
-        self.zoom_slider.setMinimumWidth(80)
+        self.zoom_slider.setMinimumWidth(60)
         self.zoom_slider.valueChanged.connect(self.set_zoom)
         # two short rows, so that the panel fits a narrow dock without scrolling sideways
         settings = QHBoxLayout()
@@ -401,10 +401,13 @@ class ReviewWidget(QWidget):
         settings2.addWidget(self.preset_combo)
         settings2.addWidget(QLabel("Unidentified <"))
         settings2.addWidget(self.threshold_spin)
-        settings2.addWidget(QLabel("Zoom"))
-        settings2.addWidget(self.zoom_slider, 1)
+        settings2.addStretch(1)
+        # the thumbnail size beside undo / redo: with the preset and the threshold they
+        # were clipped at a 400-px dock
+        tools.addWidget(QLabel("Zoom"))
+        tools.addWidget(self.zoom_slider, 1)
 
-        self.metrics_label = QLabel(format_metrics(None))
+        self.metrics_label = ElidedLabel(format_metrics(None))  # long once k-fold scores show
         self.metrics_label.setToolTip(
             "Cross-validated accuracy of the probe on the labelled cells"
         )
@@ -1325,10 +1328,11 @@ class ReviewWidget(QWidget):
         metrics = metrics if isinstance(metrics, dict) else None
         probe = getattr(self.review, "probe", None)
         k = getattr(probe, "k", None) or getattr(self.review, "_k", None)
-        self.metrics_label.setText(format_metrics(metrics, k=k))
+        text = format_metrics(metrics, k=k)
+        self.metrics_label.setText(text)
         note = str((metrics or {}).get("note") or "")
         self.metrics_label.setToolTip(
-            "Cross-validated accuracy of the probe on the labelled cells"
+            f"{text}\nCross-validated accuracy of the probe on the labelled cells"
             + (f"\n{note}" if note else "")
         )
 

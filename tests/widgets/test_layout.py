@@ -121,3 +121,30 @@ def test_each_widget_fits_a_small_dock(make_napari_viewer, qtbot, name):
     (widget,) = _open_all(viewer, qtbot, names=(name,))
     assert widget.minimumSizeHint().width() <= 320
     assert widget.minimumSizeHint().height() <= 340
+
+
+@pytest.mark.parametrize("name", WIDGETS)
+def test_no_button_or_label_is_clipped_at_the_docks_default_width(make_napari_viewer, qtbot, name):
+    """In the dock as it opens on a 1280x800 screen, every visible button, tool button and
+    one-line label gets the width its text needs (the Batch view's "Keep as separate
+    embedding" and the Review's preset were drawn cut before)."""
+    from qtpy.QtWidgets import QAbstractButton
+
+    viewer = make_napari_viewer(show=True)
+    (widget,) = _open_all(viewer, qtbot, names=(name,))
+    _settle(qtbot)
+    clipped = []
+    for child in widget.findChildren(QWidget):
+        if not child.isVisibleTo(widget) or child.width() == 0:
+            continue
+        if isinstance(child, ElidedLabel):
+            continue  # elides on purpose, with the whole text in its tooltip
+        if isinstance(child, QLabel) and (child.wordWrap() or not child.text()):
+            continue
+        if not isinstance(child, QAbstractButton | QLabel):
+            continue
+        if child.width() + 2 < child.minimumSizeHint().width():
+            clipped.append((type(child).__name__, child.text(), child.width()))
+        elif isinstance(child, QAbstractButton) and child.width() + 2 < child.sizeHint().width():
+            clipped.append((type(child).__name__, child.text(), child.width()))
+    assert not clipped, clipped

@@ -147,7 +147,7 @@ def test_sections_follow_labels_and_predictions(review_widget):
     t = truth(table)
     for c in CLASSES:
         assert all(t[r] in (c, AMBIGUOUS) for r in sections[c])
-    header = w.gallery.sections["Neutrophil"].header.text()
+    header = w.gallery.sections["Neutrophil"].header.full_text
     assert f"({len(sections['Neutrophil'])})" in header
     assert f"{N_LABELLED} curated" in header
 
@@ -311,7 +311,7 @@ def test_zero_marks_not_classed_and_delete_clears(review_widget, qtbot):
     view = w.gallery.sections["Monocyte"].view
     qtbot.keyClick(view, Qt.Key.Key_0)
     assert set(rows) <= gallery_sections(w)[NOT_CLASSED]
-    assert "2" in w.gallery.sections[NOT_CLASSED].header.text()
+    assert "2" in w.gallery.sections[NOT_CLASSED].header.full_text
     qtbot.keyClick(view, Qt.Key.Key_Delete)
     labels = w.table.obs["label"].astype(object)
     assert labels.iloc[rows].isna().all()
@@ -442,7 +442,7 @@ def test_threshold_moves_unsure_cells_to_unidentified(review_widget):
     expected = set(np.flatnonzero(unlabelled & (conf < t)).tolist())
     assert expected == set(np.flatnonzero(ambiguous).tolist())
     assert gallery_sections(w)[UNIDENTIFIED] == expected
-    assert str(f"{t:.2f}") in w.gallery.sections[UNIDENTIFIED].header.text()
+    assert str(f"{t:.2f}") in w.gallery.sections[UNIDENTIFIED].header.full_text
     look = w.gallery.cell_look(next(iter(expected)))
     assert look.badge.startswith("?")
     assert look.color == "#808080"
