@@ -11,6 +11,10 @@ Usage::
 
     python benchmarks/bench_detect_bccd.py [--data ../shared/data/bccd] [--jobs 2]
         [--failures] [--overlays DIR] [--zoom 0.5] [--synthetic]
+        [--look original|tinted|yellowed|blurred]
+
+``--look`` applies one of another lab's simulated looks (``labs.py``: another stain batch,
+a yellow lamp, defocus) to every smear before detection.
 """
 
 from __future__ import annotations
@@ -45,13 +49,25 @@ def split_of(name: str) -> str:
     return "check" if int(name.rsplit("_", 1)[-1]) % 3 == 2 else "tune"
 
 
-def run_one(args: tuple[Path, Path, float, float]) -> dict:
-    jpg, xml, zoom, rbc_factor = args
+LOOKS = ("original", "tinted", "yellowed", "blurred")
+
+
+def apply_look(image: np.ndarray, look: str) -> np.ndarray:
+    """``image`` as another lab would show it (``labs.py``), or unchanged for "original"."""
+    if look == "original":
+        return image
+    import labs
+
+    return {"tinted": labs._tint, "yellowed": labs._yellow, "blurred": labs._blur}[look](image)
+
+
+def run_one(args: tuple[Path, Path, float, float, str]) -> dict:
+    jpg, xml, zoom, rbc_factor, look = args
     pil = Image.open(jpg).convert("RGB")
     if zoom != 1.0:
         size = (round(pil.width * zoom), round(pil.height * zoom))
         pil = pil.resize(size, Image.Resampling.LANCZOS)
-    image = np.asarray(pil)
+    image = apply_look(np.asarray(pil), look)
     t0 = time.perf_counter()
     if rbc_factor == 1.0:
         cells = detect_wbcs(image)
@@ -73,6 +89,7 @@ def run_one(args: tuple[Path, Path, float, float]) -> dict:
         "matched": match_detections(centres, boxes),
         "seconds": seconds,
         "zoom": zoom,
+        "look": look,
         "rbc": rbc,
     }
 
@@ -102,6 +119,7 @@ def overlay(result: dict, data: Path, out: Path) -> None:
     if result["zoom"] != 1.0:
         size = (round(image.width * result["zoom"]), round(image.height * result["zoom"]))
         image = image.resize(size, Image.Resampling.LANCZOS)
+    image = Image.fromarray(apply_look(np.asarray(image), result["look"]))
     draw = ImageDraw.Draw(image)
     for x0, y0, x1, y1 in result["boxes"]:
         draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 255), width=3)
@@ -172,10 +190,14 @@ def main() -> None:
         default=1.0,
         help="detect with the estimated RBC diameter times this (robustness to scale errors)",
     )
+    parser.add_argument(
+        "--look", choices=LOOKS, default="original", help="another lab's simulated look"
+    )
     args = parser.parse_args()
     jpgs = sorted((args.data / "JPEGImages").glob("*.jpg"))
     work = [
-        (j, args.data / "Annotations" / f"{j.stem}.xml", args.zoom, args.rbc_factor) for j in jpgs
+        (j, args.data / "Annotations" / f"{j.stem}.xml", args.zoom, args.rbc_factor, args.look)
+        for j in jpgs
     ]
     t0 = time.perf_counter()
     if args.jobs > 1:
@@ -199,7 +221,7 @@ def main() -> None:
         )
     print(
         f"wall time {wall:.1f} s with {args.jobs} job(s), zoom {args.zoom:g}, "
-        f"RBC diameter factor {args.rbc_factor:g}"
+        f"RBC diameter factor {args.rbc_factor:g}, look {args.look}"
     )
     rbc = np.array([r["rbc"] for r in results])
     q = np.percentile(rbc, [0, 1, 5, 50, 95, 99, 100])
