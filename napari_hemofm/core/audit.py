@@ -83,7 +83,7 @@ def saved_events(table: CellTable) -> pd.DataFrame:
 
 def _pending(table: CellTable) -> pd.DataFrame:
     """Changes not yet saved into the project: kept in memory, then in the journal."""
-    records = list(getattr(table, "_unsaved_records", []))
+    records = table.unsaved_records
     journal = getattr(table, "journal", None)
     if journal is not None:
         records += journal.records()

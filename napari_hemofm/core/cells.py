@@ -326,6 +326,7 @@ class CellTable:
         labels: str | float | Sequence[str | float | None] | None,
         *,
         origin: str = "user",
+        record: bool = True,
     ) -> pd.Series:
         """Set the curated label of cells.
 
@@ -339,11 +340,15 @@ class CellTable:
             to :attr:`classes`.
         origin : str
             Written to ``label_origin`` for labelled cells (``"user"``, ``"imported"``).
+        record : bool
+            Record the change (journal, or the unsaved records). False only for
+            re-applying changes that are already recorded (a journal replay).
 
         Notes
         -----
         When the table belongs to a project file (:attr:`journal` is set), the change is
-        appended to the label journal and fsynced before it is applied.
+        appended to the label journal and fsynced before it is applied; without one it
+        is kept in :attr:`unsaved_records` until the first save.
 
         Returns
         -------
@@ -362,7 +367,9 @@ class CellTable:
         obs = self.obs
         previous = obs["label"].iloc[pos].astype(object).copy()
         previous.index = pd.Index(ids, name="cell_id")
-        if self.journal is not None:
+        if not record:
+            pass
+        elif self.journal is not None:
             # on disk before the change exists anywhere else: an acknowledged label
             # survives; "old" lets the journal tell who changed what from what
             self.journal.append(ids, values, origin=origin, old=previous.tolist())
@@ -567,6 +574,11 @@ class CellTable:
         from napari_hemofm.core.io import load_project
 
         return load_project(path, **kwargs)
+
+    @property
+    def unsaved_records(self) -> list[dict[str, Any]]:
+        """Label records made while no journal was attached, oldest first (a copy)."""
+        return list(self._unsaved_records)
 
     def take_unsaved_records(self) -> list[dict[str, Any]]:
         """Label records made while no journal was attached; the list is emptied.

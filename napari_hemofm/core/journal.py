@@ -384,16 +384,15 @@ class LabelJournal:
             table.set_classes([*table.classes, *new_classes])
         last = frame.drop_duplicates("cell_id", keep="last")
         origin_of = last["origin"].where(last["label"].notna(), "user")
-        # a replay is not a new change: a table without a journal attached (read-only
-        # open) would keep these as unsaved records, twins of the journal's own
-        unsaved = getattr(table, "_unsaved_records", None)
-        keep = len(unsaved) if unsaved is not None else 0
+        # a replay is not a new change: recorded again, it would twin the journal's own
+        # records (as unsaved records of a read-only open, or appended to the journal)
         for origin, group in last.groupby(origin_of.to_numpy(), sort=False):
             table.set_labels(
-                group["cell_id"].tolist(), group["label"].tolist(), origin=str(origin)
+                group["cell_id"].tolist(),
+                group["label"].tolist(),
+                origin=str(origin),
+                record=False,
             )
-        if unsaved is not None:
-            del unsaved[keep:]
         return len(np.unique(rec_of[is_known]))
 
     def repair(

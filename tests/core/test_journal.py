@@ -251,6 +251,26 @@ def test_a_read_only_open_skips_bad_lines_and_changes_no_file(tmp_path):
     assert not rejected_path(path).exists()
 
 
+def test_a_replay_records_nothing_again(tmp_path):
+    """Replaying the journal on load is not a new change: the journal does not grow on a
+    writable open, and a read-only open keeps no unsaved records (their twins would
+    show twice in the audit trail and be written again at the next save)."""
+    path = tmp_path / "p.h5ad"
+    table = make_project(path)
+    table.set_labels(["lab/s.png#1", "lab/s.png#2"], "monocyte")
+    table.set_labels(["lab/s.png#3"], "lymphocyte")
+    table.close()
+    before = journal_path(path).read_bytes()
+    again = CellTable.load(path)
+    assert again.column("label").loc["lab/s.png#3"] == "lymphocyte"
+    assert journal_path(path).read_bytes() == before
+    assert again.unsaved_records == []
+    again.close()
+    read_only = CellTable.load(path, mode="r")
+    assert read_only.column("label").loc["lab/s.png#1"] == "monocyte"
+    assert read_only.unsaved_records == []
+
+
 def test_vectorised_replay_equals_applying_records_in_order(tmp_path):
     """Property: replay gives every cell the label (and origin) of the last record that
     names it, and the class list the order in which labels first appeared, exactly as
