@@ -5,8 +5,10 @@ following DESIGN.md ("Command line", "The cell table"):
 
 - a file is a smear (its WBCs are detected);
 - a folder whose subfolders hold images is a crop folder: each image in
-  ``<root>/<class>/`` is one cell labelled ``<class>`` verbatim; other files at its
-  root (README, LICENSE) are ignored;
+  ``<root>/<class>/`` is one cell labelled ``<class>`` verbatim, except in a subfolder
+  named ``unlabelled`` (or ``unlabeled``, any case): those crops come in without a label
+  (a new lab's cells, to be labelled in the app); other files at its root (README,
+  LICENSE) are ignored;
 - a folder with images directly inside is a folder of smears.
 
 Default batch: the base name of the input for a folder, of the file's folder for a
@@ -85,6 +87,15 @@ class Scan:
     sources: list[Source] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     empty_inputs: list[tuple[str, str]] = field(default_factory=list)
+
+
+UNLABELLED_FOLDERS = ("unlabelled", "unlabeled")
+"""Crop subfolders whose crops come in without a label (compared case-insensitively)."""
+
+
+def folder_label(name: str) -> str | None:
+    """The label a crop folder's subfolder ``name`` gives its crops (None: unlabelled)."""
+    return None if name.strip().lower() in UNLABELLED_FOLDERS else name
 
 
 def _visible(path: Path) -> bool:
@@ -228,7 +239,14 @@ def scan_inputs(inputs: Sequence[str | Path], *, batch: str | None = None) -> Sc
                     elif is_image_file(img):
                         rel = f"{sub.name}/{img.name}"
                         scan.sources.append(
-                            Source("crop", img, bname, rel, label=sub.name, input_name=name)
+                            Source(
+                                "crop",
+                                img,
+                                bname,
+                                rel,
+                                label=folder_label(sub.name),
+                                input_name=name,
+                            )
                         )
                     else:
                         scan.skipped.append((str(img), "not an image file (by its extension)"))

@@ -70,6 +70,23 @@ def test_crop_folder_gives_one_labelled_cell_per_crop(tmp_path):
     assert (row.x, row.y) == (20.0, 24.0)
 
 
+def test_crops_in_an_unlabelled_subfolder_come_in_without_a_label(tmp_path):
+    """A new lab's crops go in ``<root>/unlabelled/`` (any case, or "unlabeled"): they
+    are crops, one cell each, with no label; their ids keep the folder name."""
+    root = make_crop_folder(tmp_path / "lab_b", classes=("Unlabelled", "monocyte"), n=2)
+    write_png(root / "unlabeled" / "x.png")
+    cells = collect_cells([root]).cells
+    assert cells.loc["lab_b/monocyte/monocyte_0.png#0", "label"] == "monocyte"
+    new = cells[~cells.index.str.contains("/monocyte/")]
+    assert sorted(new.index) == [
+        "lab_b/Unlabelled/Unlabelled_0.png#0",
+        "lab_b/Unlabelled/Unlabelled_1.png#0",
+        "lab_b/unlabeled/x.png#0",
+    ]
+    assert new["label"].isna().all()
+    assert (new["x0"] == 0).all() and (new["score"] == 1).all()  # crops, not smears
+
+
 def test_batch_override_sets_the_batch_but_not_the_ids(tmp_path):
     """--batch NAME puts every cell in batch NAME; the ids keep the input's name."""
     root = make_crop_folder(tmp_path / "crops", classes=("eosinophil",), n=1)
