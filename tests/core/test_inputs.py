@@ -84,7 +84,8 @@ def test_crops_in_an_unlabelled_subfolder_come_in_without_a_label(tmp_path):
         "lab_b/unlabeled/x.png#0",
     ]
     assert new["label"].isna().all()
-    assert (new["x0"] == 0).all() and (new["score"] == 1).all()  # crops, not smears
+    assert (new["x0"] == 0).all()  # crops (the whole file), not detections on smears
+    assert (new["score"] == 1).all()
 
 
 def test_batch_override_sets_the_batch_but_not_the_ids(tmp_path):
