@@ -367,13 +367,11 @@ class CellTable:
         obs = self.obs
         previous = obs["label"].iloc[pos].astype(object).copy()
         previous.index = pd.Index(ids, name="cell_id")
-        if not record:
-            pass
-        elif self.journal is not None:
+        if record and self.journal is not None:
             # on disk before the change exists anywhere else: an acknowledged label
             # survives; "old" lets the journal tell who changed what from what
             self.journal.append(ids, values, origin=origin, old=previous.tolist())
-        elif origin != "imported":  # labels a project is created with are not changes
+        elif record and origin != "imported":  # labels a project is created with are not changes
             from napari_hemofm.core.journal import make_record
 
             self._unsaved_records.append(
