@@ -246,8 +246,12 @@ def _central_component(mask: np.ndarray) -> np.ndarray:
     return np.isin(lab, np.unique(lab[near & (lab > 0)]))
 
 
-def _segment(od: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nucleus, cell and nucleus convex hull (bool masks) of the central WBC in ``od``."""
+def _segment(od: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Masks of the central WBC in ``od``: nucleus, cell, nucleus convex hull.
+
+    The fourth mask is every pixel above the glass level (where :func:`red_cells`
+    looks for the red cells), so that it is thresholded once.
+    """
     from skimage.filters import sobel
     from skimage.morphology import convex_hull_image
     from skimage.segmentation import watershed
@@ -261,10 +265,10 @@ def _segment(od: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     density = _sum3(smooth)
     stained_level = _glass_threshold(density)
-    stained = _fill_holes(density > stained_level)
-    stained = ndi.binary_opening(stained, _disk(2))
+    above_glass = density > stained_level
+    stained = ndi.binary_opening(_fill_holes(above_glass), _disk(2))
     if not nucleus.any():  # blank crop, bare platelet...: the stained blob at the centre
-        return nucleus, _central_component(stained), nucleus
+        return nucleus, _central_component(stained), nucleus, above_glass
 
     # Cell: marker watershed on colour edges. Seeds: the nucleus, the glass, and every
     # stained pixel farther from the nucleus than cytoplasm reaches (red cells,
@@ -296,7 +300,7 @@ def _segment(od: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lab, n = ndi.label(cell)
     if n > 1:
         cell = lab == int(np.argmax(ndi.sum(nucleus, lab, np.arange(1, n + 1)))) + 1
-    return nucleus, cell | nucleus, hull
+    return nucleus, cell | nucleus, hull, above_glass
 
 
 def segment_cell(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -326,7 +330,7 @@ def segment_cell(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     rgb = _as_rgb8(crop)
     h, w = rgb.shape[:2]
-    nucleus, cell, _ = _segment(_densities(rgb)[1])
+    nucleus, cell, _, _ = _segment(_densities(rgb)[1])
     rows = np.minimum((np.arange(h) + 0.5) * WORK_SIZE / h, WORK_SIZE - 1).astype(int)
     cols = np.minimum((np.arange(w) + 0.5) * WORK_SIZE / w, WORK_SIZE - 1).astype(int)
     return nucleus[np.ix_(rows, cols)], cell[np.ix_(rows, cols)]
@@ -338,7 +342,9 @@ def _cell_radius(cell: np.ndarray) -> float:
     return max(float(np.sqrt(cell.sum() / np.pi)), _MIN_CELL_RADIUS)
 
 
-def red_cells(od: np.ndarray, cell: np.ndarray) -> tuple[float | None, np.ndarray | None]:
+def red_cells(
+    od: np.ndarray, cell: np.ndarray, *, stained: np.ndarray | None = None
+) -> tuple[float | None, np.ndarray | None]:
     """Typical radius and colour of the red cells around the white cell: the crop's rulers.
 
     Parameters
@@ -347,6 +353,9 @@ def red_cells(od: np.ndarray, cell: np.ndarray) -> tuple[float | None, np.ndarra
         Optical density of the crop.
     cell : ndarray of shape (H, W), bool
         The white cell (excluded, with a 2 px margin).
+    stained : ndarray of shape (H, W), bool, optional
+        The pixels above the glass level, when the segmentation has them already
+        (``_segment`` computes the same mask); found here otherwise.
 
     Returns
     -------
@@ -366,8 +375,9 @@ def red_cells(od: np.ndarray, cell: np.ndarray) -> tuple[float | None, np.ndarra
     red cells over those the crop edge cuts. Their colour is the same kind of ruler for
     stain: every lab's red cells take the same eosin.
     """
-    density = _sum3(ndi.gaussian_filter(od, (_SMOOTH_SIGMA, _SMOOTH_SIGMA, 0)))
-    stained = density > _glass_threshold(density)
+    if stained is None:
+        density = _sum3(ndi.gaussian_filter(od, (_SMOOTH_SIGMA, _SMOOTH_SIGMA, 0)))
+        stained = density > _glass_threshold(density)
     others = stained & ~ndi.binary_dilation(cell, iterations=2)
     others = ndi.binary_opening(_fill_holes(others))
     lab, n = ndi.label(others)
@@ -595,8 +605,8 @@ def handcrafted_features(crop: np.ndarray) -> np.ndarray:
     crop without red cells).
     """
     od_hi, od_lo = _densities(crop)
-    nucleus, cell, hull = _segment(od_lo)
-    rbc_radius, rbc_od = red_cells(od_lo, cell)
+    nucleus, cell, hull, above_glass = _segment(od_lo)
+    rbc_radius, rbc_od = red_cells(od_lo, cell, stained=above_glass)
     ref = stain_reference(od_lo, nucleus, cell)
     vec = np.concatenate(
         [
