@@ -49,16 +49,15 @@ def split_of(name: str) -> str:
     return "check" if int(name.rsplit("_", 1)[-1]) % 3 == 2 else "tune"
 
 
+# labs.TRANSFORMS' looks, but "120px" (a whole smear shrunk to a crop's size)
 LOOKS = ("original", "tinted", "yellowed", "blurred")
 
 
 def apply_look(image: np.ndarray, look: str) -> np.ndarray:
-    """``image`` as another lab would show it (``labs.py``), or unchanged for "original"."""
-    if look == "original":
-        return image
-    import labs
+    """``image`` as another lab would show it (:data:`labs.TRANSFORMS`)."""
+    from labs import TRANSFORMS
 
-    return {"tinted": labs._tint, "yellowed": labs._yellow, "blurred": labs._blur}[look](image)
+    return TRANSFORMS[look](image)
 
 
 def run_one(args: tuple[Path, Path, float, float, str]) -> dict:
